@@ -1,0 +1,257 @@
+//! Compute devices behind one trait.
+//!
+//! A [`Backend`] is a device the runtime computes on: the CPU (always there) or, later, a CUDA
+//! GPU. It names its capabilities ([`DeviceInfo::can_use_host_pointer`]) instead of model code
+//! asking "is this CUDA?". Actor memory reaches a backend as a [`Region`]: the CPU computes on its
+//! bytes as they are, a GPU host-registers them so kernels read and write guest memory directly.
+
+pub mod cpu;
+
+use std::sync::Arc;
+
+use crate::actor::region::Region;
+use crate::engine::dtype::DType;
+
+/// Which device the user asked for (`--device auto|cpu|cuda[:N]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => Err(format!("unknown device '{other}': expected auto, cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+/// What kind of device a backend drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// A device and what it can do.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    pub kind: DeviceKind,
+    /// Human-readable, e.g. "cpu (2 threads, avx512f)" or "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// The device can address host memory at the same pointer value the host uses.
+    pub can_use_host_pointer: bool,
+    /// Worker threads (CPU) or streaming multiprocessors (GPU).
+    pub parallelism: usize,
+}
+
+/// Errors from a compute backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{device} is not available: {reason}")]
+    NotAvailable { device: String, reason: String },
+    #[error("{op}: {reason}")]
+    InvalidArgument { op: &'static str, reason: String },
+    #[error("{op} failed on {device}: {reason}")]
+    Device { op: &'static str, device: String, reason: String },
+}
+
+/// A buffer in device memory holding a copy of host bytes (the explicit-copy path that the
+/// zero-copy path is measured against).
+pub trait DeviceBuffer: Send {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One compute device.
+pub trait Backend: Send + Sync {
+    fn info(&self) -> &DeviceInfo;
+
+    /// Makes a region's committed bytes (and every later growth) accessible to the device.
+    fn share_region(&self, region: &Region) -> Result<(), BackendError>;
+
+    /// The address at which the device sees `host`, a pointer into a shared region.
+    fn device_ptr(&self, host: *const u8) -> Result<usize, BackendError>;
+
+    /// `C[m×n] = A[m×k] · B[k×n]` (row-major `f32`) computed in place on shared memory.
+    ///
+    /// # Safety
+    /// `a`, `b` and `c` must point into a region shared with [`Backend::share_region`], be
+    /// 4-byte aligned and valid for `m*k`, `k*n` and `m*n` elements; `c` must not overlap `a` or
+    /// `b`, and nothing else may access these bytes during the call.
+    unsafe fn gemm_shared(&self, a: *const f32, b: *const f32, c: *mut f32, m: usize, n: usize, k: usize) -> Result<(), BackendError>;
+
+    /// The same product through explicit copies: operands copied into device buffers, the
+    /// product computed there and copied back into `c`.
+    fn gemm_copied(&self, a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) -> Result<(), BackendError>;
+
+    /// Copies host bytes into a new device buffer.
+    fn upload(&self, bytes: &[u8]) -> Result<Box<dyn DeviceBuffer>, BackendError>;
+
+    // ---- model ops: one method per operation the Llama forward pass uses ----
+
+    /// A zeroed activation buffer of `len` f32 values.
+    fn buffer(&self, len: usize) -> Result<Buffer, BackendError>;
+    /// A buffer holding `data`.
+    fn upload_f32(&self, data: &[f32]) -> Result<Buffer, BackendError>;
+    /// Copies a buffer's first `out.len()` values to host memory (e.g. guest memory).
+    fn download(&self, buf: &Buffer, out: &mut [f32]) -> Result<(), BackendError>;
+    /// Makes a weight usable by this device (CPU: the mapped bytes as they are).
+    fn load_linear(&self, w: Linear) -> Result<Linear, BackendError>;
+    /// A KV cache layer of `max_seq × kv_dim` f16 values for K and for V.
+    fn kv_layer(&self, max_seq: usize, kv_dim: usize) -> Result<KvLayer, BackendError>;
+    /// `out[t] = table[tokens[t]]` (rows dequantized to f32).
+    fn embed(&self, table: &Linear, tokens: &[u32], out: &mut Buffer) -> Result<(), BackendError>;
+    /// `out[r] = x[r] / rms(x[r]) * w` for `rows` rows of `dim`.
+    fn rms_norm(&self, x: &Buffer, w: &Buffer, out: &mut Buffer, rows: usize, dim: usize, eps: f32) -> Result<(), BackendError>;
+    /// `out[t][r] = W[r] · x[t]` for `n_tokens` tokens (decode when 1, prefill otherwise).
+    fn matmul(&self, w: &Linear, x: &Buffer, out: &mut Buffer, n_tokens: usize) -> Result<(), BackendError>;
+    /// Several products of the same input (q/k/v, gate/up) in one dispatch.
+    fn matmul_many(&self, ws: &[&Linear], x: &Buffer, outs: &mut [&mut Buffer], n_tokens: usize) -> Result<(), BackendError>;
+    /// Rotary position embedding in place on `n_tokens × n_heads × head_dim`, positions from `pos0`.
+    fn rope(&self, x: &mut Buffer, rope: &Rope, n_tokens: usize, n_heads: usize, pos0: usize) -> Result<(), BackendError>;
+    /// Appends `k`/`v` (`n_tokens × kv_dim`) at `pos0` and computes causal attention of `q`
+    /// over positions `0..pos0 + t + 1` for each token into `out` (`n_tokens × n_heads × head_dim`).
+    fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, shape: AttentionShape) -> Result<(), BackendError>;
+    /// `gate[i] = silu(gate[i]) * up[i]` for the first `n` values.
+    fn silu_mul(&self, gate: &mut Buffer, up: &Buffer, n: usize) -> Result<(), BackendError>;
+    /// `x[i] += y[i]` for the first `n` values.
+    fn add(&self, x: &mut Buffer, y: &Buffer, n: usize) -> Result<(), BackendError>;
+    /// Copies `n` values from `src[src_off..]` to `dst[dst_off..]`.
+    fn copy(&self, src: &Buffer, src_off: usize, dst: &mut Buffer, dst_off: usize, n: usize) -> Result<(), BackendError>;
+    /// Reads K and V of positions `0..len` as f16 bits (snapshot export): `len × kv_dim` each.
+    fn kv_export(&self, kv: &KvLayer, len: usize, k: &mut [u16], v: &mut [u16]) -> Result<(), BackendError>;
+    /// Writes K and V of positions `0..len` (snapshot import).
+    fn kv_import(&self, kv: &mut KvLayer, len: usize, k: &[u16], v: &[u16]) -> Result<(), BackendError>;
+}
+
+/// Activations on a device (f32). Model code never indexes into one; it only hands buffers to
+/// backend ops, so the same forward pass runs wherever the bytes live.
+pub enum Buffer {
+    Cpu(Vec<f32>),
+}
+
+impl Buffer {
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::Cpu(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Bytes of a weight in host memory: a view into a memory-mapped model file, or owned bytes
+/// (converted or generated weights).
+#[derive(Clone)]
+pub enum HostBytes {
+    Mapped { map: Arc<memmap2::Mmap>, start: usize, len: usize },
+    Owned(Arc<Vec<u8>>),
+}
+
+impl std::ops::Deref for HostBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            HostBytes::Mapped { map, start, len } => &map[*start..*start + *len],
+            HostBytes::Owned(v) => v,
+        }
+    }
+}
+
+/// Where a weight's bytes are.
+#[derive(Clone)]
+pub enum WeightData {
+    Host(HostBytes),
+}
+
+/// A weight matrix (`rows × cols`, row-major, packed blocks for quantized types) in its stored
+/// format: one interface for every dtype.
+#[derive(Clone)]
+pub struct Linear {
+    pub name: String,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: WeightData,
+}
+
+impl Linear {
+    /// Bytes the weight occupies.
+    pub fn nbytes(&self) -> usize {
+        self.dtype.row_bytes(self.cols).unwrap_or(0) * self.rows
+    }
+}
+
+/// One layer of the KV cache: K and V for `max_seq` positions of `kv_dim` values, stored as f16.
+pub enum KvLayer {
+    Cpu { k: Vec<u16>, v: Vec<u16>, max_seq: usize, kv_dim: usize, scores: Vec<f32> },
+}
+
+/// Shapes for one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub n_tokens: usize,
+    pub pos0: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// How rotary embedding pairs dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1): GGUF Llama weights (llama.cpp's converter permutes Q/K for it).
+    Interleaved,
+    /// Pairs (i, i + d/2): Hugging Face Llama weights.
+    HalfSplit,
+}
+
+/// Rotary embedding parameters: the per-pair inverse frequencies (Llama 3 scaling already
+/// applied) and the pairing style.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub style: RopeStyle,
+    pub head_dim: usize,
+    /// `head_dim / 2` inverse frequencies.
+    pub inv_freq: Vec<f32>,
+}
+
+/// Opens the backend the user asked for.
+pub fn open(spec: DeviceSpec, threads: Option<usize>) -> Result<Arc<dyn Backend>, BackendError> {
+    match spec {
+        DeviceSpec::Cpu | DeviceSpec::Auto => Ok(Arc::new(cpu::CpuBackend::new(threads))),
+        DeviceSpec::Cuda(n) => Err(BackendError::NotAvailable {
+            device: format!("cuda:{n}"),
+            reason: "this build has no CUDA backend yet".into(),
+        }),
+    }
+}
+
+/// Checks the sizes of a GEMM's operands; shared by every backend.
+pub fn check_gemm_dims(a: usize, b: usize, c: usize, m: usize, n: usize, k: usize) -> Result<(), BackendError> {
+    let need = |rows: usize, cols: usize| rows.checked_mul(cols);
+    match (need(m, k), need(k, n), need(m, n)) {
+        (Some(na), Some(nb), Some(nc)) if a >= na && b >= nb && c >= nc && m > 0 && n > 0 && k > 0 => Ok(()),
+        _ => Err(BackendError::InvalidArgument {
+            op: "gemm",
+            reason: format!("operands of {a}, {b}, {c} elements do not fit m={m} n={n} k={k}"),
+        }),
+    }
+}

@@ -1,0 +1,89 @@
+//! `driftwood run`: start an actor and feed it messages.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use driftwood::actor::{Runtime, RuntimeConfig};
+use driftwood::backend::{self, DeviceSpec};
+
+/// Run an actor: instantiate it, call its init once, then deliver messages one at a time.
+///
+/// Messages are the --prompt arguments in order or, without --prompt, each line of standard
+/// input. Each reply the actor returns is printed on its own line; the actor's own WASI
+/// stdout/stderr pass straight through.
+///
+/// Examples:
+///   driftwood run examples/target/wasm32-wasip1/release/gemm.wasm --prompt 256
+///   echo hello | driftwood run echo.wasm
+#[derive(Args)]
+pub struct RunArgs {
+    /// The actor module (.wasm, or .wat text)
+    pub actor: PathBuf,
+    /// A message to deliver (repeat for several); without it, stdin lines are the messages
+    #[arg(short, long = "prompt", value_name = "TEXT")]
+    pub prompts: Vec<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// Flags every command that runs actors shares.
+#[derive(Args, Clone)]
+pub struct RuntimeArgs {
+    /// Largest linear memory the actor may grow to (e.g. 256MiB, 4GiB); growing beyond it makes
+    /// the guest's memory.grow return -1
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = super::parse_size)]
+    pub max_memory: usize,
+    /// Wall-clock limit for one call into the actor (init, or one message); a runaway actor is
+    /// stopped with exit code 1
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = super::parse_duration)]
+    pub timeout: Duration,
+    /// Compute device: auto, cpu, cuda or cuda:N
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: DeviceSpec,
+    /// CPU worker threads (default: all cores)
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Show the actor's debug log lines
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl RuntimeArgs {
+    pub fn build(&self) -> anyhow::Result<Runtime> {
+        let backend = backend::open(self.device, self.threads)?;
+        Ok(Runtime::new(RuntimeConfig { max_memory: self.max_memory, timeout: self.timeout, backend, verbose: self.verbose })?)
+    }
+}
+
+impl RunArgs {
+    pub fn execute(self) -> anyhow::Result<()> {
+        let runtime = self.runtime.build()?;
+        let module = runtime.load(&self.actor)?;
+        let mut actor = runtime.instantiate(&module)?;
+        actor.init()?;
+        let mut out = std::io::stdout();
+        let mut deliver = |msg: &str| -> anyhow::Result<()> {
+            let reply = actor.deliver(msg.as_bytes())?;
+            if !reply.is_empty() {
+                out.write_all(&reply)?;
+                if !reply.ends_with(b"\n") {
+                    out.write_all(b"\n")?;
+                }
+            }
+            out.flush()?;
+            Ok(())
+        };
+        if self.prompts.is_empty() {
+            for line in std::io::stdin().lock().lines() {
+                deliver(&line?)?;
+            }
+        } else {
+            for prompt in &self.prompts {
+                deliver(prompt)?;
+            }
+        }
+        Ok(())
+    }
+}

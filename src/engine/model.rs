@@ -1,0 +1,218 @@
+//! The Llama forward pass, written once over the [`Backend`] trait.
+//!
+//! `Config` (hyperparameters), `Weights` (every tensor, shapes in comments, checked at load),
+//! `State` (scratch buffers and the KV cache, preallocated) and one `forward` that allocates
+//! nothing per token and writes K/V straight into the cache slots for its positions.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{AttentionShape, Backend, BackendError, Buffer, KvLayer, Linear, Rope, RopeStyle};
+
+/// Llama hyperparameters, read from the model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub n_layers: usize,
+    /// Model width.
+    pub dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Feed-forward hidden width.
+    pub ffn_dim: usize,
+    pub vocab_size: usize,
+    /// Longest context the model was trained for.
+    pub context_length: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f32,
+    pub rope_style: RopeStyle,
+    /// Llama 3 frequency scaling, when the model uses it.
+    pub rope_scaling: Option<Llama3RopeScaling>,
+}
+
+/// `rope_scaling` of type `llama3`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: f32,
+}
+
+impl Config {
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// RoPE inverse frequencies, with Llama 3 scaling or explicit per-pair factors applied.
+    pub fn rope(&self, freq_factors: Option<&[f32]>) -> Rope {
+        let half = self.head_dim / 2;
+        let mut inv_freq = Vec::with_capacity(half);
+        let step = self.rope_theta.powf(-2.0 / self.head_dim as f32);
+        let mut f = 1.0f32;
+        for i in 0..half {
+            let mut freq = f;
+            if let Some(factors) = freq_factors {
+                freq /= factors.get(i).copied().unwrap_or(1.0);
+            } else if let Some(s) = &self.rope_scaling {
+                freq = llama3_scale(freq, s);
+            }
+            inv_freq.push(freq);
+            f *= step;
+        }
+        Rope { style: self.rope_style, head_dim: self.head_dim, inv_freq }
+    }
+}
+
+/// Llama 3's frequency-dependent scaling of one inverse frequency.
+fn llama3_scale(freq: f32, s: &Llama3RopeScaling) -> f32 {
+    let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+    let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+    let wavelen = 2.0 * std::f32::consts::PI / freq;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor
+    } else {
+        let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
+
+/// One transformer block's weights.
+pub struct LayerWeights {
+    pub attn_norm: Buffer, // [dim]
+    pub wq: Linear,        // [q_dim, dim]
+    pub wk: Linear,        // [kv_dim, dim]
+    pub wv: Linear,        // [kv_dim, dim]
+    pub wo: Linear,        // [dim, q_dim]
+    pub ffn_norm: Buffer,  // [dim]
+    pub w_gate: Linear,    // [ffn_dim, dim]
+    pub w_up: Linear,      // [ffn_dim, dim]
+    pub w_down: Linear,    // [dim, ffn_dim]
+}
+
+/// Every tensor of the model, on the backend's device.
+pub struct Weights {
+    pub token_embd: Linear, // [vocab, dim]
+    pub layers: Vec<LayerWeights>,
+    pub output_norm: Buffer, // [dim]
+    /// [vocab, dim]; the token embedding itself when the model ties them.
+    pub output: Linear,
+    pub rope: Rope,
+}
+
+/// The KV cache: preallocated for `max_seq` positions, `len` of them valid.
+pub struct KvCache {
+    pub layers: Vec<KvLayer>,
+    pub len: usize,
+    pub max_seq: usize,
+}
+
+impl KvCache {
+    /// Forgets positions from `n` on (the next eval overwrites them).
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+}
+
+/// Scratch buffers for up to `max_batch` tokens, plus the KV cache.
+pub struct State {
+    pub max_batch: usize,
+    x: Buffer,      // [batch, dim] residual stream
+    xn: Buffer,     // [batch, dim] normalized
+    q: Buffer,      // [batch, q_dim]
+    k: Buffer,      // [batch, kv_dim]
+    v: Buffer,      // [batch, kv_dim]
+    att: Buffer,    // [batch, q_dim]
+    proj: Buffer,   // [batch, dim]
+    gate: Buffer,   // [batch, ffn_dim]
+    up: Buffer,     // [batch, ffn_dim]
+    last: Buffer,   // [dim] the last token's normalized state
+    pub logits: Buffer, // [vocab]
+    pub kv: KvCache,
+}
+
+impl State {
+    pub fn new(backend: &dyn Backend, c: &Config, max_seq: usize, max_batch: usize) -> Result<State, BackendError> {
+        let b = max_batch;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for _ in 0..c.n_layers {
+            layers.push(backend.kv_layer(max_seq, c.kv_dim())?);
+        }
+        Ok(State {
+            max_batch,
+            x: backend.buffer(b * c.dim)?,
+            xn: backend.buffer(b * c.dim)?,
+            q: backend.buffer(b * c.q_dim())?,
+            k: backend.buffer(b * c.kv_dim())?,
+            v: backend.buffer(b * c.kv_dim())?,
+            att: backend.buffer(b * c.q_dim())?,
+            proj: backend.buffer(b * c.dim)?,
+            gate: backend.buffer(b * c.ffn_dim)?,
+            up: backend.buffer(b * c.ffn_dim)?,
+            last: backend.buffer(c.dim)?,
+            logits: backend.buffer(c.vocab_size)?,
+            kv: KvCache { layers, len: 0, max_seq },
+        })
+    }
+}
+
+/// Runs `tokens` (at most `state.max_batch`) through the model at positions `kv.len..`, appends
+/// their K/V to the cache and leaves the last token's logits in `state.logits`.
+pub fn forward(backend: &dyn Backend, c: &Config, w: &Weights, s: &mut State, tokens: &[u32]) -> Result<(), BackendError> {
+    let n = tokens.len();
+    let pos0 = s.kv.len;
+    debug_assert!(n > 0 && n <= s.max_batch && pos0 + n <= s.kv.max_seq);
+    let (dim, ffn) = (c.dim, c.ffn_dim);
+    let shape = AttentionShape { n_tokens: n, pos0, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+    // x = embedding rows of the tokens
+    backend.embed(&w.token_embd, tokens, &mut s.x)?;
+    for (l, lw) in w.layers.iter().enumerate() {
+        // attention: xn = norm(x); q, k, v = projections; rotate q, k; att = softmax(qK)V over the cache
+        backend.rms_norm(&s.x, &lw.attn_norm, &mut s.xn, n, dim, c.rms_eps)?;
+        backend.matmul_many(&[&lw.wq, &lw.wk, &lw.wv], &s.xn, &mut [&mut s.q, &mut s.k, &mut s.v], n)?;
+        backend.rope(&mut s.q, &w.rope, n, c.n_heads, pos0)?;
+        backend.rope(&mut s.k, &w.rope, n, c.n_kv_heads, pos0)?;
+        backend.attention(&s.q, &s.k, &s.v, &mut s.kv.layers[l], &mut s.att, shape)?;
+        // x += wo · att
+        backend.matmul(&lw.wo, &s.att, &mut s.proj, n)?;
+        backend.add(&mut s.x, &s.proj, n * dim)?;
+        // feed-forward: x += w_down · (silu(w_gate · xn) * (w_up · xn)), xn = norm(x)
+        backend.rms_norm(&s.x, &lw.ffn_norm, &mut s.xn, n, dim, c.rms_eps)?;
+        backend.matmul_many(&[&lw.w_gate, &lw.w_up], &s.xn, &mut [&mut s.gate, &mut s.up], n)?;
+        backend.silu_mul(&mut s.gate, &s.up, n * ffn)?;
+        backend.matmul(&lw.w_down, &s.gate, &mut s.proj, n)?;
+        backend.add(&mut s.x, &s.proj, n * dim)?;
+    }
+    // logits of the last token only: output · norm(x[n-1])
+    backend.copy(&s.x, (n - 1) * dim, &mut s.xn, 0, dim)?;
+    backend.rms_norm(&s.xn, &w.output_norm, &mut s.last, 1, dim, c.rms_eps)?;
+    backend.matmul(&w.output, &s.last, &mut s.logits, 1)?;
+    s.kv.len = pos0 + n;
+    Ok(())
+}
+
+/// A loaded model: configuration, weights on a device, and where they came from.
+pub struct Model {
+    pub config: Config,
+    pub weights: Weights,
+    pub backend: Arc<dyn Backend>,
+    pub identity: ModelIdentity,
+}
+
+/// What identifies a model for snapshots: a different identity means a different KV cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    pub name: String,
+    pub architecture: String,
+    /// Hex digest over the tensor names, dtypes, shapes and a sample of their bytes.
+    pub weights_hash: String,
+    pub file: String,
+    pub format: String,
+}
