@@ -133,6 +133,8 @@ impl Runtime {
         let mut wasm = Config::new();
         wasm.epoch_interruption(true)
             .memory_may_move(false)
+            // Copy-on-write images need Wasmtime-owned mmaps; our region is initialised by copy.
+            .memory_init_cow(false)
             .with_host_memory(Arc::new(memory::RegionMemoryCreator { limit: config.max_memory }));
         let engine = Engine::new(&wasm).map_err(|e| ActorError::Runtime(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
