@@ -8,6 +8,7 @@
 
 pub mod abi;
 pub mod memory;
+pub mod model_abi;
 pub mod region;
 
 use std::path::{Path, PathBuf};
@@ -75,6 +76,18 @@ pub struct ActorState {
     /// Set once the instance exists; host functions use it instead of a by-name lookup.
     pub memory: Option<Memory>,
     pub verbose: bool,
+    /// The actor's conversation with the model (None when the runtime has no model).
+    pub session: Option<crate::engine::Session>,
+    /// Time spent inside model host calls, to report the host-boundary cost.
+    pub host_stats: HostStats,
+}
+
+/// Counters of model host calls.
+#[derive(Debug, Default, Clone)]
+pub struct HostStats {
+    pub calls: u64,
+    pub tokens_evaluated: u64,
+    pub compute: Duration,
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
@@ -128,6 +141,15 @@ pub struct ActorModule {
     has_wasi_initialize: bool,
 }
 
+impl ActorModule {
+    /// True when the actor imports any model function (so it needs a model loaded).
+    pub fn uses_model(&self) -> bool {
+        use driftwood_guest::abi::imports;
+        const NON_MODEL: [&str; 3] = [imports::ABI_VERSION, imports::LOG, imports::GEMM];
+        self.module.imports().any(|i| i.module() == MODULE && !NON_MODEL.contains(&i.name()))
+    }
+}
+
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Runtime, ActorError> {
         let mut wasm = Config::new();
@@ -140,6 +162,7 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut ActorState| &mut s.wasi).map_err(|e| ActorError::Runtime(format!("{e:#}")))?;
         abi::add_to_linker(&mut linker).map_err(|e| ActorError::Runtime(format!("{e:#}")))?;
+        model_abi::add_to_linker(&mut linker).map_err(|e| ActorError::Runtime(format!("{e:#}")))?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Runtime { engine, linker, config, _ticker: ticker })
     }
@@ -178,6 +201,8 @@ impl Runtime {
             backend: self.config.backend.clone(),
             memory: None,
             verbose: self.config.verbose,
+            session: None,
+            host_stats: HostStats::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -346,6 +371,23 @@ impl Actor {
 
     pub fn store_mut(&mut self) -> &mut Store<ActorState> {
         &mut self.store
+    }
+
+    /// Gives the actor a model session (its KV cache, history and sampler).
+    pub fn attach_session(&mut self, session: crate::engine::Session) {
+        self.store.data_mut().session = Some(session);
+    }
+
+    pub fn session(&self) -> Option<&crate::engine::Session> {
+        self.store.data().session.as_ref()
+    }
+
+    pub fn session_mut(&mut self) -> Option<&mut crate::engine::Session> {
+        self.store.data_mut().session.as_mut()
+    }
+
+    pub fn host_stats(&self) -> &HostStats {
+        &self.store.data().host_stats
     }
 }
 

@@ -101,6 +101,12 @@ pub trait Backend: Send + Sync {
     /// Copies host bytes into a new device buffer.
     fn upload(&self, bytes: &[u8]) -> Result<Box<dyn DeviceBuffer>, BackendError>;
 
+    /// Runs `f` on the backend's compute threads (CPU: inside its rayon pool, so the many
+    /// parallel ops of a forward pass dispatch cheaply). Other devices just call `f`.
+    fn install(&self, f: &mut (dyn FnMut() + Send)) {
+        f()
+    }
+
     // ---- model ops: one method per operation the Llama forward pass uses ----
 
     /// A zeroed activation buffer of `len` f32 values.

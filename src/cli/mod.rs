@@ -1,6 +1,7 @@
 //! The command line: one clap `Command` enum whose variants each own an `execute()`.
 
 mod bench;
+mod model;
 mod run;
 
 use std::time::Duration;

@@ -26,6 +26,8 @@ pub struct RunArgs {
     pub prompts: Vec<String>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub model: super::model::ModelArgs,
 }
 
 /// Flags every command that runs actors shares.
@@ -62,6 +64,10 @@ impl RunArgs {
         let runtime = self.runtime.build()?;
         let module = runtime.load(&self.actor)?;
         let mut actor = runtime.instantiate(&module)?;
+        if self.model.model.is_some() || module.uses_model() {
+            let loaded = self.model.load(runtime.config().backend.clone(), !self.runtime.verbose && self.model.model.is_none())?;
+            actor.attach_session(self.model.session(&loaded)?);
+        }
         actor.init()?;
         let mut out = std::io::stdout();
         let mut deliver = |msg: &str| -> anyhow::Result<()> {

@@ -75,16 +75,21 @@ impl Session {
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::BadToken { id, vocab });
         }
-        let m = &self.model;
-        for chunk in tokens.chunks(self.state.max_batch) {
-            if let Err(e) = forward(m.backend.as_ref(), &m.config, &m.weights, &mut self.state, chunk) {
-                // A failed pass may have written some K/V: keep the cache consistent with history.
-                self.state.kv.len = self.tokens.len();
-                self.has_logits = false;
-                return Err(e.into());
+        let m = self.model.clone();
+        let mut result = Ok(());
+        m.backend.install(&mut || {
+            for chunk in tokens.chunks(self.state.max_batch) {
+                if let Err(e) = forward(m.backend.as_ref(), &m.config, &m.weights, &mut self.state, chunk) {
+                    // A failed pass may have written some K/V: keep the cache consistent with history.
+                    self.state.kv.len = self.tokens.len();
+                    self.has_logits = false;
+                    result = Err(e);
+                    return;
+                }
+                self.tokens.extend_from_slice(chunk);
             }
-            self.tokens.extend_from_slice(chunk);
-        }
+        });
+        result?;
         m.backend.download(&self.state.logits, &mut self.logits)?;
         self.has_logits = true;
         Ok(())

@@ -5,4 +5,5 @@
 
 mod abi;
 mod common;
+mod model;
 mod runtime;

