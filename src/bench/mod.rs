@@ -1,6 +1,7 @@
 //! Benchmarks behind `driftwood bench`: each returns a serializable report that the CLI prints
 //! as a table or as JSON.
 
+pub mod inference;
 pub mod zero_copy;
 
 /// Resident set size of this process in bytes (from /proc/self/statm; 0 where unavailable).

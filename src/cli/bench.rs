@@ -11,6 +11,73 @@ pub enum BenchCommand {
     /// Is actor memory really device memory? Pointer identity, RSS cost of sharing vs copying,
     /// GEMM latency on guest operands in place vs through copies, and correctness
     ZeroCopy(ZeroCopyArgs),
+    /// Model load, prefill at several lengths, decode ms/token and the host-function boundary
+    /// cost per token. Compare with llama.cpp on the same file: bench/llamacpp.sh
+    Inference(InferenceArgs),
+}
+
+#[derive(Args)]
+pub struct InferenceArgs {
+    /// Model: registry name, .gguf file or Hugging Face folder
+    #[arg(short, long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Compute device: auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// CPU worker threads (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Prompt lengths to time prefill at
+    #[arg(long, value_delimiter = ',', default_value = "5,128,512")]
+    pub prefill: Vec<usize>,
+    /// Tokens to decode
+    #[arg(long, default_value_t = 128)]
+    pub decode: usize,
+    /// Repetitions per measurement (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Skip the Wasm-driven boundary measurement
+    #[arg(long)]
+    pub no_boundary: bool,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl InferenceArgs {
+    fn execute(self) -> anyhow::Result<()> {
+        if self.decode == 0 || self.prefill.iter().any(|&n| n == 0) {
+            anyhow::bail!("--prefill sizes and --decode must be at least 1");
+        }
+        let backend = backend::open(self.device, self.threads)?;
+        let args = super::model::ModelArgs { model: Some(self.model.clone()), ..Default::default() };
+        let loaded = args.load(backend, true)?;
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        let opts = driftwood::bench::inference::Options { prefill_sizes: self.prefill.clone(), decode_tokens: self.decode, repeats: self.repeats, boundary: !self.no_boundary };
+        let report = driftwood::bench::inference::run(loaded.model.clone(), loaded.tokenizer.clone(), loaded.load_ms, &opts, |m| bar.set_message(m.to_string()))?;
+        bar.finish_and_clear();
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(());
+        }
+        println!("inference bench: {} on {}", report.model, report.device);
+        println!();
+        println!("{:<36} {:>14} {:>14}", "measurement", "time", "rate");
+        println!("{}", "-".repeat(66));
+        println!("{:<36} {:>11.1} ms {:>14}", "model load (mmap)", report.load_ms, format!("{:.0} MB weights", report.weights_mb));
+        for p in &report.prefill {
+            println!("{:<36} {:>11.2} ms {:>10.1} tok/s", format!("prefill {} tokens", p.tokens), p.ms, p.tok_s);
+        }
+        let d = &report.decode;
+        println!("{:<36} {:>8.3} ms/tok {:>10.1} tok/s", format!("decode {} tokens", d.tokens), d.ms_per_token, d.tok_s);
+        if let Some(b) = &report.boundary {
+            println!("{:<36} {:>8.3} ms/tok {:>14}", "decode driven from wasm", b.ms_per_token_wasm, "");
+            println!("{:<36} {:>8.2} us/tok {:>13.3}%", "host-function boundary overhead", b.overhead_us_per_token, b.overhead_percent);
+        }
+        println!("{:<36} {:>11.1} MB", "process RSS after load", report.rss_after_load_mb);
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -36,6 +103,7 @@ impl BenchCommand {
     pub fn execute(self) -> anyhow::Result<()> {
         match self {
             BenchCommand::ZeroCopy(args) => args.execute(),
+            BenchCommand::Inference(args) => args.execute(),
         }
     }
 }

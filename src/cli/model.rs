@@ -1,6 +1,5 @@
 //! `--model` and sampling flags shared by the commands that run a model.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,7 +46,6 @@ pub struct ModelArgs {
 pub struct Loaded {
     pub model: Arc<Model>,
     pub tokenizer: Arc<Tokenizer>,
-    pub path: PathBuf,
     pub load_ms: f64,
 }
 
@@ -86,7 +84,7 @@ impl ModelArgs {
                 backend.info().name
             );
         }
-        Ok(Loaded { model: Arc::new(model), tokenizer: Arc::new(tokenizer), path, load_ms })
+        Ok(Loaded { model: Arc::new(model), tokenizer: Arc::new(tokenizer), load_ms })
     }
 
     /// A fresh session on a loaded model.

@@ -4,6 +4,7 @@
 //! binary in fresh temp dirs.
 
 mod abi;
+mod actors;
 mod common;
 mod model;
 mod runtime;

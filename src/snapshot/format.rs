@@ -1,0 +1,1391 @@
+//! The `.dws` snapshot file: one valid safetensors container holding everything needed to resume
+//! an actor between messages (see DESIGN.md, "The snapshot file"). This module owns the byte
+//! layout, the crash-safe write and the validating read; it knows nothing about Wasmtime or the
+//! engine, which convert their state to and from [`Snapshot`].
+//!
+//! Tensors (all little-endian, row-major; tensors that would be empty are omitted, because not
+//! every safetensors reader accepts zero-sized tensors):
+//!
+//! | name                     | dtype | shape              | present when                      |
+//! |--------------------------|-------|--------------------|-----------------------------------|
+//! | `actor.module`           | U8    | `[module_len]`     | always                            |
+//! | `actor.memory.pages`     | U8    | `[n_pages, 65536]` | some 64 KiB page is non-zero      |
+//! | `actor.memory.page_index`| U32   | `[n_pages]`        | with `actor.memory.pages`         |
+//! | `conversation.tokens`    | U32   | `[kv_len]`         | `kv_len > 0`                      |
+//! | `kv.{layer}.k`           | F16   | `[kv_len, kv_dim]` | `kv_len > 0`, layer `0..n_layers` |
+//! | `kv.{layer}.v`           | F16   | `[kv_len, kv_dim]` | `kv_len > 0`, layer `0..n_layers` |
+//! | `conversation.logits`    | F32   | `[vocab_size]`     | the snapshot has logits           |
+//!
+//! Linear memory is stored sparsely: only non-zero 64 KiB pages, with `page_index` (strictly
+//! increasing page numbers) saying where each goes; every other page of the `memory_bytes`-long
+//! memory is zero. `__metadata__` holds `format` (`driftwood-snapshot`), `format_version`, and
+//! `driftwood`: the JSON of [`SnapshotMeta`], which carries every other field.
+//!
+//! [`write`] goes through a temp file in the target's directory, fsyncs it, renames it over the
+//! final name and fsyncs the directory, so a crash leaves either the old file or the new one
+//! (plus, at worst, a stray `.{name}.tmp-*` file). [`read`] validates the whole file against its
+//! metadata before returning, and never panics or allocates more than the file's size (plus the
+//! zero-filled memory, which is capped at 4 GiB) on a corrupt or hostile file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
+use sha2::{Digest, Sha256};
+
+/// Version of the layout described above; bumped on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Size of a Wasm page, and of each stored memory page.
+pub const PAGE_BYTES: usize = 65536;
+
+/// Largest linear memory a snapshot may describe (a full wasm32 address space).
+pub const MAX_MEMORY_BYTES: u64 = 1 << 32;
+
+/// Largest layer count accepted, so a lying header cannot make `read` allocate without bound.
+pub const MAX_LAYERS: usize = 1 << 16;
+
+/// Value of the `format` key in `__metadata__`.
+const FORMAT_NAME: &str = "driftwood-snapshot";
+
+/// Longest header accepted; the same limit the safetensors crate applies.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+const T_MODULE: &str = "actor.module";
+const T_PAGES: &str = "actor.memory.pages";
+const T_PAGE_INDEX: &str = "actor.memory.page_index";
+const T_TOKENS: &str = "conversation.tokens";
+const T_LOGITS: &str = "conversation.logits";
+
+/// Identity and shape of the model whose KV cache the snapshot carries.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub architecture: String,
+    pub weights_hash: String,
+    pub tokenizer_hash: String,
+    pub n_layers: usize,
+    /// Width of one K (or V) row per layer: n_kv_heads × head_dim.
+    pub kv_dim: usize,
+    pub vocab_size: usize,
+}
+
+/// A mutable global's value; floats are kept as bits so NaN payloads survive.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum GlobalValue {
+    I32(i32),
+    I64(i64),
+    F32(u32),
+    F64(u64),
+}
+
+/// Everything in the snapshot that is not a tensor; stored as JSON in `__metadata__`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotMeta {
+    pub format_version: u32,
+    pub driftwood_version: String,
+    pub created_unix: u64,
+    pub actor_name: String,
+    /// Lower-case hex SHA-256 of `Snapshot::module` (see [`module_sha256`]).
+    pub module_sha256: String,
+    /// Linear memory size in bytes; a multiple of 65536, at most 4 GiB.
+    pub memory_bytes: u64,
+    /// (global index, value) for every mutable defined global, strictly increasing by index.
+    pub globals: Vec<(u32, GlobalValue)>,
+    /// `None` for an actor that never loaded a model; then `kv_len` is 0.
+    pub model: Option<ModelRef>,
+    pub sampler: Option<serde_json::Value>,
+    /// Tokens in the KV cache, which is also the length of the token history.
+    pub kv_len: usize,
+    /// The conversation as text, so a different model can rebuild its KV cache by prefill.
+    pub conversation_text: Option<String>,
+}
+
+/// A whole snapshot in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub meta: SnapshotMeta,
+    /// The actor's original (uninstrumented) module bytes.
+    pub module: Vec<u8>,
+    /// The full linear memory, `meta.memory_bytes` long.
+    pub memory: Vec<u8>,
+    /// Token history, `meta.kv_len` long.
+    pub tokens: Vec<u32>,
+    /// Per layer (K, V) as f16 bits, each `kv_len × kv_dim` row-major; `n_layers` entries when
+    /// there is a model (empty vectors when `kv_len` is 0), none without one.
+    pub kv: Vec<(Vec<u16>, Vec<u16>)>,
+    /// Logits after the last token, `vocab_size` long.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// What [`write`] stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    pub file_bytes: u64,
+    /// Logical linear memory size.
+    pub memory_bytes: u64,
+    /// Bytes of memory actually stored (non-zero pages only).
+    pub stored_memory_bytes: u64,
+    pub kv_bytes: u64,
+}
+
+/// One tensor as listed by [`read_meta`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSummary {
+    pub name: String,
+    /// safetensors dtype name, e.g. `F16`.
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+}
+
+/// Why a snapshot could not be written or read. Every message starts with the file's path.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{file}: cannot {op}: {source}")]
+    Io {
+        file: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{file}: {len}-byte file is too short for a safetensors header")]
+    TooShort { file: String, len: u64 },
+    #[error("{file}: header length {header_len} does not fit in a {file_len}-byte file")]
+    HeaderLength {
+        file: String,
+        header_len: u64,
+        file_len: u64,
+    },
+    #[error("{file}: invalid safetensors header: {reason}")]
+    Header { file: String, reason: String },
+    #[error("{file}: header describes {data_len} bytes of tensor data, file has {available}")]
+    DataLength {
+        file: String,
+        data_len: u64,
+        available: u64,
+    },
+    #[error("{file}: not a driftwood snapshot: __metadata__ has no '{key}'")]
+    NotSnapshot { file: String, key: &'static str },
+    #[error("{file}: __metadata__ '{key}' is invalid: {reason}")]
+    BadMetadata {
+        file: String,
+        key: &'static str,
+        reason: String,
+    },
+    #[error("{file}: format version {found}, this driftwood reads version {FORMAT_VERSION}")]
+    Version { file: String, found: String },
+    #[error("{file}: missing tensor '{name}' ({reason})")]
+    MissingTensor {
+        file: String,
+        name: String,
+        reason: String,
+    },
+    #[error("{file}: unexpected tensor '{name}' ({reason})")]
+    UnexpectedTensor {
+        file: String,
+        name: String,
+        reason: String,
+    },
+    #[error("{file}: tensor '{name}' has dtype {found}, expected {expected}")]
+    TensorDtype {
+        file: String,
+        name: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{file}: tensor '{name}' has shape {shape:?}, metadata says {expected}")]
+    TensorShape {
+        file: String,
+        name: String,
+        shape: Vec<usize>,
+        expected: String,
+    },
+    #[error("{file}: module sha256 is {actual}, metadata says {expected}")]
+    ModuleHash {
+        file: String,
+        actual: String,
+        expected: String,
+    },
+    /// The metadata contradicts itself or the tensor contents.
+    #[error("{file}: {what}")]
+    Invalid { file: String, what: String },
+    /// [`write`] was handed a snapshot whose parts disagree with its metadata.
+    #[error("{file}: snapshot to write is inconsistent: {what}")]
+    Inconsistent { file: String, what: String },
+}
+
+/// Lower-case hex SHA-256, the form `SnapshotMeta::module_sha256` takes.
+pub fn module_sha256(module: &[u8]) -> String {
+    let digest = Sha256::digest(module);
+    let mut hex = String::with_capacity(64);
+    for byte in digest {
+        hex.push_str(&format!("{byte:02x}"));
+    }
+    hex
+}
+
+fn file_name(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        file: file_name(path),
+        op,
+        source,
+    }
+}
+
+fn kv_name(layer: usize, which: char) -> String {
+    format!("kv.{layer}.{which}")
+}
+
+/// Checks the metadata on its own; shared by `write` and `read`. `fail` builds the error.
+fn check_meta(meta: &SnapshotMeta, fail: &dyn Fn(String) -> SnapshotError) -> Result<(), SnapshotError> {
+    if meta.memory_bytes % PAGE_BYTES as u64 != 0 || meta.memory_bytes > MAX_MEMORY_BYTES {
+        return Err(fail(format!(
+            "memory_bytes {} is not a multiple of 65536 up to 4 GiB",
+            meta.memory_bytes
+        )));
+    }
+    if let Some(pair) = meta.globals.windows(2).find(|w| w[0].0 >= w[1].0) {
+        return Err(fail(format!(
+            "globals are not strictly increasing by index: {} then {}",
+            pair[0].0, pair[1].0
+        )));
+    }
+    match &meta.model {
+        None if meta.kv_len != 0 => Err(fail(format!(
+            "kv_len is {} but there is no model",
+            meta.kv_len
+        ))),
+        None => Ok(()),
+        Some(m) => {
+            if m.n_layers == 0 || m.n_layers > MAX_LAYERS {
+                return Err(fail(format!("model.n_layers {} is not in 1..={MAX_LAYERS}", m.n_layers)));
+            }
+            if m.kv_dim == 0 || m.vocab_size == 0 {
+                return Err(fail(format!(
+                    "model.kv_dim {} and model.vocab_size {} must be non-zero",
+                    m.kv_dim, m.vocab_size
+                )));
+            }
+            let too_big = meta
+                .kv_len
+                .checked_mul(m.kv_dim)
+                .and_then(|n| n.checked_mul(2 * m.n_layers))
+                .and_then(|n| n.checked_mul(2))
+                .is_none();
+            if too_big {
+                return Err(fail(format!(
+                    "kv_len {} × kv_dim {} × {} layers overflows",
+                    meta.kv_len, m.kv_dim, m.n_layers
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Checks that the parts of `snap` agree with its metadata before anything touches the disk.
+fn check_snapshot(path: &Path, snap: &Snapshot) -> Result<(), SnapshotError> {
+    let fail = |what: String| SnapshotError::Inconsistent {
+        file: file_name(path),
+        what,
+    };
+    let meta = &snap.meta;
+    if meta.format_version != FORMAT_VERSION {
+        return Err(fail(format!(
+            "format_version is {}, expected {FORMAT_VERSION}",
+            meta.format_version
+        )));
+    }
+    check_meta(meta, &fail)?;
+    if snap.module.is_empty() {
+        return Err(fail("module is empty".into()));
+    }
+    let actual = module_sha256(&snap.module);
+    if actual != meta.module_sha256 {
+        return Err(fail(format!(
+            "module sha256 is {actual}, meta.module_sha256 is {}",
+            meta.module_sha256
+        )));
+    }
+    if snap.memory.len() as u64 != meta.memory_bytes {
+        return Err(fail(format!(
+            "memory is {} bytes, memory_bytes is {}",
+            snap.memory.len(),
+            meta.memory_bytes
+        )));
+    }
+    if snap.tokens.len() != meta.kv_len {
+        return Err(fail(format!(
+            "{} tokens, kv_len is {}",
+            snap.tokens.len(),
+            meta.kv_len
+        )));
+    }
+    let (n_layers, kv_dim, vocab) = match &meta.model {
+        Some(m) => (m.n_layers, m.kv_dim, Some(m.vocab_size)),
+        None => (0, 0, None),
+    };
+    if snap.kv.len() != n_layers {
+        return Err(fail(format!(
+            "kv has {} layers, model has {n_layers}",
+            snap.kv.len()
+        )));
+    }
+    let per_layer = meta.kv_len * kv_dim;
+    for (layer, (k, v)) in snap.kv.iter().enumerate() {
+        for (which, t) in [('k', k), ('v', v)] {
+            if t.len() != per_layer {
+                return Err(fail(format!(
+                    "{} has {} values, expected kv_len {} × kv_dim {kv_dim}",
+                    kv_name(layer, which),
+                    t.len(),
+                    meta.kv_len
+                )));
+            }
+        }
+    }
+    match (&snap.logits, vocab) {
+        (None, _) => Ok(()),
+        (Some(_), None) => Err(fail("logits without a model".into())),
+        (Some(l), Some(v)) if l.len() != v => Err(fail(format!(
+            "{} logits, vocab_size is {v}",
+            l.len()
+        ))),
+        (Some(_), Some(_)) => Ok(()),
+    }
+}
+
+/// Where a tensor's bytes come from when writing.
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    Pages(&'a [u8], &'a [u32]),
+    U16(&'a [u16]),
+    U32(&'a [u32]),
+    F32(&'a [f32]),
+}
+
+struct Planned<'a> {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: usize,
+    source: Source<'a>,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Comparing u64 words lets the compiler vectorise; a page is always a multiple of 8 bytes.
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+}
+
+/// Writes `items` as little-endian bytes through a bounded scratch buffer.
+fn write_le<T: Copy, const N: usize>(
+    out: &mut impl Write,
+    items: &[T],
+    to_le: impl Fn(T) -> [u8; N],
+) -> io::Result<()> {
+    const CHUNK_ITEMS: usize = 1 << 16;
+    let mut buf = Vec::with_capacity(CHUNK_ITEMS.min(items.len()) * N);
+    for chunk in items.chunks(CHUNK_ITEMS) {
+        buf.clear();
+        for &x in chunk {
+            buf.extend_from_slice(&to_le(x));
+        }
+        out.write_all(&buf)?;
+    }
+    Ok(())
+}
+
+fn write_source(out: &mut impl Write, source: &Source<'_>) -> io::Result<()> {
+    match *source {
+        Source::Bytes(b) => out.write_all(b),
+        Source::Pages(memory, index) => {
+            for &page in index {
+                let start = page as usize * PAGE_BYTES;
+                out.write_all(&memory[start..start + PAGE_BYTES])?;
+            }
+            Ok(())
+        }
+        Source::U16(v) => write_le(out, v, u16::to_le_bytes),
+        Source::U32(v) => write_le(out, v, u32::to_le_bytes),
+        Source::F32(v) => write_le(out, v, f32::to_le_bytes),
+    }
+}
+
+/// Names temp files uniquely within this process; the pid separates processes.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `snap` to `path` atomically: temp file in the same directory, fsync, rename, fsync of
+/// the directory. On any error the previous file at `path`, if any, is untouched.
+pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> {
+    check_snapshot(path, snap)?;
+    let meta = &snap.meta;
+
+    let page_index: Vec<u32> = snap
+        .memory
+        .chunks_exact(PAGE_BYTES)
+        .enumerate()
+        .filter(|(_, page)| !is_zero(page))
+        // Memory is at most 4 GiB (checked), so a page number fits in u32.
+        .map(|(i, _)| i as u32)
+        .collect();
+
+    let mut planned = vec![Planned {
+        name: T_MODULE.into(),
+        dtype: Dtype::U8,
+        shape: vec![snap.module.len()],
+        bytes: snap.module.len(),
+        source: Source::Bytes(&snap.module),
+    }];
+    if !page_index.is_empty() {
+        planned.push(Planned {
+            name: T_PAGES.into(),
+            dtype: Dtype::U8,
+            shape: vec![page_index.len(), PAGE_BYTES],
+            bytes: page_index.len() * PAGE_BYTES,
+            source: Source::Pages(&snap.memory, &page_index),
+        });
+        planned.push(Planned {
+            name: T_PAGE_INDEX.into(),
+            dtype: Dtype::U32,
+            shape: vec![page_index.len()],
+            bytes: page_index.len() * 4,
+            source: Source::U32(&page_index),
+        });
+    }
+    let mut kv_bytes = 0u64;
+    if meta.kv_len > 0 {
+        planned.push(Planned {
+            name: T_TOKENS.into(),
+            dtype: Dtype::U32,
+            shape: vec![meta.kv_len],
+            bytes: meta.kv_len * 4,
+            source: Source::U32(&snap.tokens),
+        });
+        let kv_dim = meta.model.as_ref().map_or(0, |m| m.kv_dim);
+        for (layer, (k, v)) in snap.kv.iter().enumerate() {
+            for (which, t) in [('k', k), ('v', v)] {
+                kv_bytes += t.len() as u64 * 2;
+                planned.push(Planned {
+                    name: kv_name(layer, which),
+                    dtype: Dtype::F16,
+                    shape: vec![meta.kv_len, kv_dim],
+                    bytes: t.len() * 2,
+                    source: Source::U16(t),
+                });
+            }
+        }
+    }
+    if let Some(logits) = &snap.logits {
+        planned.push(Planned {
+            name: T_LOGITS.into(),
+            dtype: Dtype::F32,
+            shape: vec![logits.len()],
+            bytes: logits.len() * 4,
+            source: Source::F32(logits),
+        });
+    }
+    // The safetensors crate's own order: widest dtype first (keeps every tensor aligned to its
+    // element size, since the header is padded to 8), then by name.
+    planned.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
+
+    let mut offset = 0usize;
+    let infos: Vec<(String, TensorInfo)> = planned
+        .iter()
+        .map(|p| {
+            let info = TensorInfo {
+                dtype: p.dtype,
+                shape: p.shape.clone(),
+                data_offsets: (offset, offset + p.bytes),
+            };
+            offset += p.bytes;
+            (p.name.clone(), info)
+        })
+        .collect();
+    let data_len = offset as u64;
+
+    let meta_json = serde_json::to_string(meta).map_err(|e| SnapshotError::Inconsistent {
+        file: file_name(path),
+        what: format!("metadata does not encode as json: {e}"),
+    })?;
+    let kv: HashMap<String, String> = [
+        ("format".to_string(), FORMAT_NAME.to_string()),
+        ("format_version".to_string(), FORMAT_VERSION.to_string()),
+        ("driftwood".to_string(), meta_json),
+    ]
+    .into();
+    let header_err = |e: &dyn std::fmt::Display| SnapshotError::Inconsistent {
+        file: file_name(path),
+        what: format!("cannot build safetensors header: {e}"),
+    };
+    let metadata = Metadata::new(Some(kv), infos).map_err(|e| header_err(&e))?;
+    let mut header = serde_json::to_vec(&metadata).map_err(|e| header_err(&e))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    if header.len() as u64 > MAX_HEADER_BYTES {
+        return Err(header_err(&format!(
+            "header is {} bytes, limit is {MAX_HEADER_BYTES}",
+            header.len()
+        )));
+    }
+
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let base = path
+        .file_name()
+        .ok_or_else(|| SnapshotError::Io {
+            file: file_name(path),
+            op: "write",
+            source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let temp = dir.join(format!(
+        ".{base}.tmp-{}-{}",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+
+    let result = (|| {
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(io_err(path, "create temp file"))?;
+        let mut out = io::BufWriter::with_capacity(1 << 20, file);
+        let written: io::Result<()> = (|| {
+            out.write_all(&(header.len() as u64).to_le_bytes())?;
+            out.write_all(&header)?;
+            for p in &planned {
+                write_source(&mut out, &p.source)?;
+            }
+            out.flush()
+        })();
+        written.map_err(io_err(path, "write temp file"))?;
+        let file = out.into_inner().map_err(|e| io_err(path, "write temp file")(e.into_error()))?;
+        file.sync_all().map_err(io_err(path, "fsync temp file"))?;
+        drop(file);
+        std::fs::rename(&temp, path).map_err(io_err(path, "rename temp file over it"))
+    })();
+    if let Err(e) = result {
+        // Best effort: the temp file is garbage whether or not it can be removed.
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(path, "fsync its directory"))?;
+
+    Ok(WriteStats {
+        file_bytes: 8 + header.len() as u64 + data_len,
+        memory_bytes: meta.memory_bytes,
+        stored_memory_bytes: (page_index.len() * PAGE_BYTES) as u64,
+        kv_bytes,
+    })
+}
+
+/// A parsed, validated header: everything but the tensor data.
+struct Header {
+    meta: SnapshotMeta,
+    metadata: Metadata,
+    /// File offset of the first tensor byte.
+    data_start: u64,
+    n_pages: usize,
+}
+
+/// Reads and validates the header of `file` (whose length is `file_len`): the safetensors
+/// structure, the driftwood metadata, and every tensor's name, dtype and shape.
+fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<Header, SnapshotError> {
+    let fname = || file_name(path);
+    if file_len < 8 {
+        return Err(SnapshotError::TooShort {
+            file: fname(),
+            len: file_len,
+        });
+    }
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(io_err(path, "read header length"))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    // Checked before allocating, so a huge length cannot exhaust memory.
+    if header_len > file_len - 8 || header_len > MAX_HEADER_BYTES {
+        return Err(SnapshotError::HeaderLength {
+            file: fname(),
+            header_len,
+            file_len,
+        });
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(io_err(path, "read header"))?;
+    let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| SnapshotError::Header {
+        file: fname(),
+        reason: e.to_string(),
+    })?;
+    let data_start = 8 + header_len;
+    let available = file_len - data_start;
+    if metadata.data_len() as u64 != available {
+        return Err(SnapshotError::DataLength {
+            file: fname(),
+            data_len: metadata.data_len() as u64,
+            available,
+        });
+    }
+
+    let kv = metadata.metadata().as_ref();
+    let get = |key: &'static str| {
+        kv.and_then(|m| m.get(key)).ok_or(SnapshotError::NotSnapshot {
+            file: fname(),
+            key,
+        })
+    };
+    let format = get("format")?;
+    if format != FORMAT_NAME {
+        return Err(SnapshotError::BadMetadata {
+            file: fname(),
+            key: "format",
+            reason: format!("is '{format}', expected '{FORMAT_NAME}'"),
+        });
+    }
+    let version = get("format_version")?;
+    if version.parse::<u32>().ok() != Some(FORMAT_VERSION) {
+        return Err(SnapshotError::Version {
+            file: fname(),
+            found: version.clone(),
+        });
+    }
+    let meta: SnapshotMeta =
+        serde_json::from_str(get("driftwood")?).map_err(|e| SnapshotError::BadMetadata {
+            file: fname(),
+            key: "driftwood",
+            reason: e.to_string(),
+        })?;
+    if meta.format_version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            file: fname(),
+            found: meta.format_version.to_string(),
+        });
+    }
+    let invalid = |what: String| SnapshotError::Invalid { file: fname(), what };
+    check_meta(&meta, &invalid)?;
+
+    let n_pages = check_tensors(path, &meta, &metadata)?;
+    Ok(Header {
+        meta,
+        metadata,
+        data_start,
+        n_pages,
+    })
+}
+
+/// Checks that the file holds exactly the tensors `meta` calls for, with the right dtypes and
+/// shapes. Returns the number of stored memory pages.
+fn check_tensors(path: &Path, meta: &SnapshotMeta, metadata: &Metadata) -> Result<usize, SnapshotError> {
+    let fname = || file_name(path);
+    let tensors = metadata.tensors();
+    let total_pages = (meta.memory_bytes / PAGE_BYTES as u64) as usize;
+
+    // The page count is the one shape the metadata does not fix; take it from page_index.
+    let n_pages = match tensors.get(T_PAGE_INDEX) {
+        Some(info) => match info.shape.as_slice() {
+            [n] if *n >= 1 && *n <= total_pages => *n,
+            _ => {
+                return Err(SnapshotError::TensorShape {
+                    file: fname(),
+                    name: T_PAGE_INDEX.into(),
+                    shape: info.shape.clone(),
+                    expected: format!("[n_pages] with 1 ≤ n_pages ≤ {total_pages} memory pages"),
+                })
+            }
+        },
+        None => 0,
+    };
+
+    // (name, dtype, shape, why the shape is what it is)
+    let mut expected: Vec<(String, Dtype, Vec<usize>, String)> = Vec::new();
+    let module_ok = |info: &TensorInfo| matches!(info.shape.as_slice(), [n] if *n >= 1);
+    match tensors.get(T_MODULE) {
+        Some(info) if module_ok(info) => {
+            let why = "[module_len] with module_len ≥ 1".to_string();
+            expected.push((T_MODULE.into(), Dtype::U8, info.shape.clone(), why));
+        }
+        Some(info) => {
+            return Err(SnapshotError::TensorShape {
+                file: fname(),
+                name: T_MODULE.into(),
+                shape: info.shape.clone(),
+                expected: "[module_len] with module_len ≥ 1".into(),
+            })
+        }
+        None => {
+            return Err(SnapshotError::MissingTensor {
+                file: fname(),
+                name: T_MODULE.into(),
+                reason: "every snapshot carries its module".into(),
+            })
+        }
+    }
+    if n_pages > 0 {
+        let why = format!("{n_pages} pages in {T_PAGE_INDEX}");
+        expected.push((T_PAGES.into(), Dtype::U8, vec![n_pages, PAGE_BYTES], why.clone()));
+        expected.push((T_PAGE_INDEX.into(), Dtype::U32, vec![n_pages], why));
+    }
+    if let (Some(m), true) = (&meta.model, meta.kv_len > 0) {
+        expected.push((T_TOKENS.into(), Dtype::U32, vec![meta.kv_len], format!("kv_len {}", meta.kv_len)));
+        for layer in 0..m.n_layers {
+            for which in ['k', 'v'] {
+                expected.push((
+                    kv_name(layer, which),
+                    Dtype::F16,
+                    vec![meta.kv_len, m.kv_dim],
+                    format!("kv_len {} × kv_dim {}", meta.kv_len, m.kv_dim),
+                ));
+            }
+        }
+    }
+    if let (Some(m), Some(_)) = (&meta.model, tensors.get(T_LOGITS)) {
+        expected.push((T_LOGITS.into(), Dtype::F32, vec![m.vocab_size], format!("vocab_size {}", m.vocab_size)));
+    }
+
+    for (name, dtype, shape, why) in &expected {
+        let Some(info) = tensors.get(name.as_str()) else {
+            return Err(SnapshotError::MissingTensor {
+                file: fname(),
+                name: name.clone(),
+                reason: format!("metadata says {why}"),
+            });
+        };
+        if info.dtype != *dtype {
+            return Err(SnapshotError::TensorDtype {
+                file: fname(),
+                name: name.clone(),
+                found: info.dtype.to_string(),
+                expected: dtype.to_string(),
+            });
+        }
+        if info.shape != *shape {
+            return Err(SnapshotError::TensorShape {
+                file: fname(),
+                name: name.clone(),
+                shape: info.shape.clone(),
+                expected: why.clone(),
+            });
+        }
+    }
+    if tensors.len() != expected.len() {
+        let mut extra: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !expected.iter().any(|(name, ..)| name == *k))
+            .collect();
+        extra.sort();
+        let name = extra.first().map_or_else(String::new, |s| (*s).clone());
+        let reason = match (&meta.model, meta.kv_len) {
+            (None, _) => "metadata has no model".to_string(),
+            (Some(m), kv_len) => format!(
+                "metadata says {} layers, kv_len {kv_len}, {n_pages} memory pages",
+                m.n_layers
+            ),
+        };
+        return Err(SnapshotError::UnexpectedTensor {
+            file: fname(),
+            name,
+            reason,
+        });
+    }
+    Ok(n_pages)
+}
+
+fn open(path: &Path) -> Result<(File, u64), SnapshotError> {
+    let file = File::open(path).map_err(io_err(path, "open"))?;
+    let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+    Ok((file, len))
+}
+
+/// Reads the metadata and the tensor list without loading tensor data (for `driftwood inspect`).
+/// The header is validated as fully as [`read`] does; tensor contents are not.
+pub fn read_meta(path: &Path) -> Result<(SnapshotMeta, Vec<TensorSummary>), SnapshotError> {
+    let (mut file, file_len) = open(path)?;
+    let header = read_header(path, &mut file, file_len)?;
+    let tensors = header.metadata.tensors();
+    let mut summaries: Vec<(usize, TensorSummary)> = tensors
+        .iter()
+        .map(|(name, info)| {
+            (
+                info.data_offsets.0,
+                TensorSummary {
+                    name: name.clone(),
+                    dtype: info.dtype.to_string(),
+                    shape: info.shape.clone(),
+                    bytes: (info.data_offsets.1 - info.data_offsets.0) as u64,
+                },
+            )
+        })
+        .collect();
+    summaries.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    Ok((header.meta, summaries.into_iter().map(|(_, s)| s).collect()))
+}
+
+/// Reads `name`'s bytes. The header check guarantees the tensor exists and lies inside the file.
+fn tensor_bytes(
+    path: &Path,
+    file: &mut File,
+    header: &Header,
+    name: &str,
+    buf: &mut Vec<u8>,
+) -> Result<(), SnapshotError> {
+    let (start, end) = header
+        .metadata
+        .info(name)
+        .map(|i| i.data_offsets)
+        .ok_or_else(|| SnapshotError::MissingTensor {
+            file: file_name(path),
+            name: name.into(),
+            reason: "lost after validation".into(),
+        })?;
+    buf.clear();
+    buf.resize(end - start, 0);
+    file.seek(SeekFrom::Start(header.data_start + start as u64))
+        .and_then(|_| file.read_exact(buf))
+        .map_err(io_err(path, "read tensor data"))
+}
+
+fn decode<T, const N: usize>(bytes: &[u8], from_le: impl Fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            from_le(a)
+        })
+        .collect()
+}
+
+/// A zero-filled buffer of `len` bytes, or `None` if the allocator refuses. Zeroed allocation
+/// maps fresh pages lazily, so a 4 GiB memory with two stored pages costs two pages of RSS.
+fn zeroed(len: u64) -> Option<Vec<u8>> {
+    let len = usize::try_from(len).ok()?;
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).ok()?;
+    // SAFETY: `layout` has non-zero size (len > 0 checked above).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of `[u8; len]`, so
+    // capacity `len` matches; all `len` bytes are initialised (zeroed); we hand over ownership.
+    Some(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
+/// Reads and fully validates a snapshot.
+pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
+    let (mut file, file_len) = open(path)?;
+    let header = read_header(path, &mut file, file_len)?;
+    let meta = &header.meta;
+    let fname = || file_name(path);
+    let mut buf = Vec::new();
+
+    let mut module = Vec::new();
+    tensor_bytes(path, &mut file, &header, T_MODULE, &mut module)?;
+    let actual = module_sha256(&module);
+    if actual != meta.module_sha256 {
+        return Err(SnapshotError::ModuleHash {
+            file: fname(),
+            actual,
+            expected: meta.module_sha256.clone(),
+        });
+    }
+
+    let mut memory = zeroed(meta.memory_bytes).ok_or_else(|| SnapshotError::Invalid {
+        file: fname(),
+        what: format!("cannot allocate {} bytes of linear memory", meta.memory_bytes),
+    })?;
+    if header.n_pages > 0 {
+        tensor_bytes(path, &mut file, &header, T_PAGE_INDEX, &mut buf)?;
+        let index = decode(&buf, u32::from_le_bytes);
+        let total_pages = memory.len() / PAGE_BYTES;
+        let mut prev: Option<u32> = None;
+        for &page in &index {
+            if (page as usize) >= total_pages || prev.is_some_and(|p| p >= page) {
+                return Err(SnapshotError::Invalid {
+                    file: fname(),
+                    what: format!(
+                        "{T_PAGE_INDEX} entry {page} is out of range (memory has {total_pages} \
+                         pages) or not after the previous entry"
+                    ),
+                });
+            }
+            prev = Some(page);
+        }
+        tensor_bytes(path, &mut file, &header, T_PAGES, &mut buf)?;
+        for (&page, data) in index.iter().zip(buf.chunks_exact(PAGE_BYTES)) {
+            let start = page as usize * PAGE_BYTES;
+            memory[start..start + PAGE_BYTES].copy_from_slice(data);
+        }
+    }
+
+    let mut tokens = Vec::new();
+    let mut kv = Vec::new();
+    let mut logits = None;
+    if let Some(m) = &meta.model {
+        if meta.kv_len > 0 {
+            tensor_bytes(path, &mut file, &header, T_TOKENS, &mut buf)?;
+            tokens = decode(&buf, u32::from_le_bytes);
+        }
+        kv.reserve(m.n_layers);
+        for layer in 0..m.n_layers {
+            let mut pair = (Vec::new(), Vec::new());
+            if meta.kv_len > 0 {
+                tensor_bytes(path, &mut file, &header, &kv_name(layer, 'k'), &mut buf)?;
+                pair.0 = decode(&buf, u16::from_le_bytes);
+                tensor_bytes(path, &mut file, &header, &kv_name(layer, 'v'), &mut buf)?;
+                pair.1 = decode(&buf, u16::from_le_bytes);
+            }
+            kv.push(pair);
+        }
+        if header.metadata.info(T_LOGITS).is_some() {
+            tensor_bytes(path, &mut file, &header, T_LOGITS, &mut buf)?;
+            logits = Some(decode(&buf, f32::from_le_bytes));
+        }
+    }
+
+    Ok(Snapshot {
+        meta: header.meta,
+        module,
+        memory,
+        tokens,
+        kv,
+        logits,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+    use safetensors::SafeTensors;
+
+    /// splitmix64: deterministic, dependency-free randomness for the tests.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// A snapshot with `pages` pages of memory of which `nonzero` (spread out) hold data.
+    fn sample(n_layers: usize, kv_dim: usize, kv_len: usize, vocab: usize, pages: usize, nonzero: &[usize]) -> Snapshot {
+        let mut rng = Rng(42);
+        let module = b"\0asm\x01\0\0\0 pretend module".to_vec();
+        let mut memory = vec![0u8; pages * PAGE_BYTES];
+        for &p in nonzero {
+            for b in &mut memory[p * PAGE_BYTES..(p + 1) * PAGE_BYTES] {
+                *b = rng.next() as u8;
+            }
+        }
+        let kv = (0..n_layers)
+            .map(|_| {
+                let mut t = || (0..kv_len * kv_dim).map(|_| rng.next() as u16).collect::<Vec<_>>();
+                (t(), t())
+            })
+            .collect();
+        Snapshot {
+            meta: SnapshotMeta {
+                format_version: FORMAT_VERSION,
+                driftwood_version: "0.1.0".into(),
+                created_unix: 1_700_000_000,
+                actor_name: "echo".into(),
+                module_sha256: module_sha256(&module),
+                memory_bytes: memory.len() as u64,
+                globals: vec![(0, GlobalValue::I32(-7)), (2, GlobalValue::F64(f64::NAN.to_bits() | 1))],
+                model: Some(ModelRef {
+                    name: "tiny".into(),
+                    architecture: "llama".into(),
+                    weights_hash: "ab".repeat(32),
+                    tokenizer_hash: "cd".repeat(32),
+                    n_layers,
+                    kv_dim,
+                    vocab_size: vocab,
+                }),
+                sampler: Some(serde_json::json!({"temperature": 0.5, "seed": u64::MAX, "rng": [1, 2]})),
+                kv_len,
+                conversation_text: Some("user: hi\nassistant: \"hello\" ✓".into()),
+            },
+            module,
+            memory,
+            tokens: (0..kv_len as u32).map(|t| t * 7 + 1).collect(),
+            kv,
+            logits: (vocab > 0).then(|| (0..vocab).map(|i| i as f32 * 0.25 - 3.0).collect()),
+        }
+    }
+
+    fn small() -> Snapshot {
+        sample(4, 8, 13, 32, 3, &[1])
+    }
+
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().expect("create temp dir")
+    }
+
+    /// Re-serialises the safetensors file `bytes` after `edit` changes its tensors or metadata.
+    fn rewrite(
+        bytes: &[u8],
+        edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>),
+    ) -> Vec<u8> {
+        let st = SafeTensors::deserialize(bytes).expect("valid input");
+        let (_, md) = SafeTensors::read_metadata(bytes).expect("valid input");
+        let mut meta = md.metadata().clone().unwrap_or_default();
+        let mut tensors: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+            .collect();
+        edit(&mut tensors, &mut meta);
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("consistent edit")))
+            .collect();
+        safetensors::serialize(views, Some(meta)).expect("serialize")
+    }
+
+    fn edit_meta(meta: &mut HashMap<String, String>, f: impl FnOnce(&mut SnapshotMeta)) {
+        let mut m: SnapshotMeta = serde_json::from_str(&meta["driftwood"]).expect("meta json");
+        f(&mut m);
+        meta.insert("driftwood".into(), serde_json::to_string(&m).expect("encode"));
+    }
+
+    fn read_err(dir: &Path, bytes: &[u8]) -> String {
+        let path = dir.join("snap.dws");
+        std::fs::write(&path, bytes).expect("write test file");
+        match read(&path) {
+            Ok(_) => panic!("read accepted a bad file"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn round_trip_is_exact() {
+        let dir = tempdir();
+        for snap in [
+            small(),
+            sample(2, 4, 0, 16, 1, &[]),  // model, empty KV cache, no stored pages
+            sample(1, 4, 3, 0, 2, &[0, 1]), // no logits
+        ] {
+            let mut snap = snap;
+            if snap.meta.model.as_ref().is_some_and(|m| m.vocab_size == 0) {
+                snap.meta.model.as_mut().expect("model").vocab_size = 5;
+            }
+            let path = dir.path().join("snap.dws");
+            let stats = write(&path, &snap).expect("write");
+            assert_eq!(stats.file_bytes, std::fs::metadata(&path).expect("stat").len());
+            let back = read(&path).expect("read");
+            assert_eq!(back, snap);
+        }
+    }
+
+    #[test]
+    fn round_trip_without_model() {
+        let dir = tempdir();
+        let mut snap = sample(0, 0, 0, 0, 1, &[0]);
+        snap.meta.model = None;
+        snap.meta.sampler = None;
+        snap.meta.conversation_text = None;
+        let path = dir.path().join("bare.dws");
+        write(&path, &snap).expect("write");
+        assert_eq!(read(&path).expect("read"), snap);
+    }
+
+    #[test]
+    fn kv_len_zero_omits_kv_tensors_and_keeps_layers() {
+        let dir = tempdir();
+        let mut snap = sample(3, 4, 0, 16, 1, &[]);
+        snap.logits = None;
+        let path = dir.path().join("empty.dws");
+        write(&path, &snap).expect("write");
+        let (_, tensors) = read_meta(&path).expect("read_meta");
+        let names: Vec<_> = tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, [T_MODULE]);
+        let back = read(&path).expect("read");
+        assert_eq!(back.kv, vec![(vec![], vec![]); 3]);
+        assert_eq!(back, snap);
+    }
+
+    #[test]
+    fn sparse_memory_stores_only_nonzero_pages() {
+        let dir = tempdir();
+        let snap = sample(1, 4, 2, 8, 16, &[3, 11]); // 1 MiB, 2 pages non-zero
+        let path = dir.path().join("sparse.dws");
+        let stats = write(&path, &snap).expect("write");
+        assert_eq!(stats.memory_bytes, 1 << 20);
+        assert_eq!(stats.stored_memory_bytes, 2 * PAGE_BYTES as u64);
+        let len = std::fs::metadata(&path).expect("stat").len();
+        assert!(len > 2 * PAGE_BYTES as u64 && len < 2 * PAGE_BYTES as u64 + 4096, "file is {len} bytes");
+        let (_, tensors) = read_meta(&path).expect("read_meta");
+        let index = tensors.iter().find(|t| t.name == T_PAGE_INDEX).expect("page index");
+        assert_eq!(index.shape, [2]);
+        assert_eq!(read(&path).expect("read").memory, snap.memory);
+    }
+
+    #[test]
+    fn read_meta_lists_every_tensor() {
+        let dir = tempdir();
+        let path = dir.path().join("snap.dws");
+        write(&path, &small()).expect("write");
+        let (meta, tensors) = read_meta(&path).expect("read_meta");
+        assert_eq!(meta, small().meta);
+        let kv = tensors.iter().find(|t| t.name == "kv.3.v").expect("kv.3.v");
+        assert_eq!((kv.dtype.as_str(), kv.shape.as_slice(), kv.bytes), ("F16", &[13, 8][..], 13 * 8 * 2));
+        assert_eq!(tensors.len(), 1 + 2 + 1 + 8 + 1);
+    }
+
+    #[test]
+    fn kv_shape_lie_names_the_tensor_and_the_metadata() {
+        let dir = tempdir();
+        let snap = sample(4, 192, 13, 16, 1, &[]);
+        let path = dir.path().join("snap.dws");
+        write(&path, &snap).expect("write");
+        let bytes = std::fs::read(&path).expect("read back");
+        let bad = rewrite(&bytes, |tensors, _| {
+            let t = tensors.iter_mut().find(|t| t.0 == "kv.3.k").expect("kv.3.k");
+            t.2 = vec![12, 192];
+            t.3.truncate(12 * 192 * 2);
+        });
+        let msg = read_err(dir.path(), &bad);
+        let want = format!(
+            "{}: tensor 'kv.3.k' has shape [12, 192], metadata says kv_len 13 × kv_dim 192",
+            dir.path().join("snap.dws").display()
+        );
+        assert_eq!(msg, want);
+    }
+
+    #[test]
+    fn structural_lies_are_rejected_with_clear_messages() {
+        let dir = tempdir();
+        let path = dir.path().join("snap.dws");
+        write(&path, &small()).expect("write");
+        let good = std::fs::read(&path).expect("read back");
+        type Edit = Box<dyn FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (Box::new(|_, m| { m.insert("format_version".into(), "2".into()); }), "format version 2, this driftwood reads version 1"),
+            (Box::new(|_, m| { m.remove("driftwood"); }), "not a driftwood snapshot: __metadata__ has no 'driftwood'"),
+            (Box::new(|t, _| t.retain(|t| t.0 != "kv.2.v")), "missing tensor 'kv.2.v' (metadata says kv_len 13 × kv_dim 8)"),
+            (Box::new(|t, _| t.push(("kv.4.k".into(), Dtype::F16, vec![13, 8], vec![0; 13 * 16]))), "unexpected tensor 'kv.4.k'"),
+            (Box::new(|t, _| t.iter_mut().filter(|t| t.0 == T_TOKENS).for_each(|t| t.1 = Dtype::I32)), "tensor 'conversation.tokens' has dtype I32, expected U32"),
+            (Box::new(|_, m| edit_meta(m, |m| m.module_sha256 = "00".repeat(32))), "module sha256 is"),
+            (Box::new(|_, m| edit_meta(m, |m| m.memory_bytes = 0)), "tensor 'actor.memory.page_index' has shape [1]"),
+            (Box::new(|_, m| edit_meta(m, |m| m.memory_bytes = 65537)), "memory_bytes 65537 is not a multiple of 65536"),
+            (Box::new(|_, m| edit_meta(m, |m| m.model.as_mut().expect("model").n_layers = 1 << 40)), "model.n_layers 1099511627776 is not in"),
+            (Box::new(|_, m| edit_meta(m, |m| m.globals.reverse())), "globals are not strictly increasing"),
+            (
+                Box::new(|t, _| t.iter_mut().filter(|t| t.0 == T_PAGE_INDEX).for_each(|t| t.3 = 7u32.to_le_bytes().to_vec())),
+                "actor.memory.page_index entry 7 is out of range (memory has 3 pages)",
+            ),
+        ];
+        for (edit, want) in cases {
+            let msg = read_err(dir.path(), &rewrite(&good, edit));
+            assert!(msg.starts_with(&format!("{}: ", path.display())), "{msg}");
+            assert!(msg.contains(want), "expected '{want}' in '{msg}'");
+        }
+    }
+
+    #[test]
+    fn huge_header_length_is_rejected_without_allocating() {
+        let dir = tempdir();
+        let mut bytes = vec![0u8; 64];
+        bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let msg = read_err(dir.path(), &bytes);
+        assert!(msg.ends_with("header length 18446744073709551615 does not fit in a 64-byte file"), "{msg}");
+        assert!(read_err(dir.path(), b"abc").ends_with("3-byte file is too short for a safetensors header"));
+    }
+
+    #[test]
+    fn failed_write_keeps_the_previous_snapshot() {
+        let dir = tempdir();
+        let path = dir.path().join("snap.dws");
+        write(&path, &small()).expect("write");
+        let before = std::fs::read(&path).expect("read back");
+
+        let mut bad = small();
+        bad.tokens.pop();
+        let msg = write(&path, &bad).expect_err("inconsistent snapshot").to_string();
+        assert!(msg.ends_with("snapshot to write is inconsistent: 12 tokens, kv_len is 13"), "{msg}");
+        assert_eq!(std::fs::read(&path).expect("read back"), before);
+
+        // Renaming over a non-empty directory fails after the temp file is complete.
+        let blocked = dir.path().join("blocked.dws");
+        std::fs::create_dir(&blocked).expect("mkdir");
+        std::fs::write(blocked.join("keep"), b"x").expect("write");
+        let msg = write(&blocked, &small()).expect_err("rename onto a directory").to_string();
+        assert!(msg.contains("cannot rename temp file over it"), "{msg}");
+
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp-")), "temp files left behind: {names:?}");
+        assert_eq!(read(&path).expect("read"), small());
+    }
+
+    #[test]
+    fn python_style_reader_sees_a_plain_safetensors_file() {
+        // The safetensors crate's own parser is what Python's package uses underneath.
+        let dir = tempdir();
+        let path = dir.path().join("snap.dws");
+        write(&path, &small()).expect("write");
+        let bytes = std::fs::read(&path).expect("read back");
+        let st = SafeTensors::deserialize(&bytes).expect("safetensors accepts the file");
+        let k = st.tensor("kv.1.k").expect("kv.1.k");
+        assert_eq!(k.dtype(), Dtype::F16);
+        let first = u16::from_le_bytes([k.data()[0], k.data()[1]]);
+        assert_eq!(first, small().kv[1].0[0]);
+    }
+
+    /// Mutates a valid snapshot thousands of ways; `read` must return (Ok or Err), never panic,
+    /// and never allocate wildly (a runaway allocation would abort the test).
+    #[test]
+    fn read_never_panics_on_corrupt_files() {
+        let dir = tempdir();
+        let src = dir.path().join("good.dws");
+        let mut snap = sample(2, 4, 3, 8, 2, &[1]);
+        // Keep the stored page small in entropy but present.
+        snap.memory[PAGE_BYTES..PAGE_BYTES + 16].fill(0);
+        write(&src, &snap).expect("write");
+        let good = std::fs::read(&src).expect("read back");
+        let header_end = 8 + u64::from_le_bytes(good[..8].try_into().expect("8 bytes")) as usize;
+        let path = dir.path().join("fuzz.dws");
+        let mut rng = Rng(7);
+        let (mut ok, mut err) = (0usize, 0usize);
+        let mut check = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).expect("write fuzz file");
+            match read(&path) {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert!(e.to_string().starts_with(&path.display().to_string()), "{e}");
+                    err += 1
+                }
+            }
+            let _ = read_meta(&path);
+        };
+
+        // Truncation: every length through the header, then a spread over the data.
+        for len in (0..header_end + 64).chain((header_end..good.len()).step_by(997)) {
+            check(&good[..len]);
+        }
+        // Header lengths that lie.
+        for n in [0, 1, 7, header_end as u64 - 9, header_end as u64 - 7, good.len() as u64, u64::MAX, 1 << 40] {
+            let mut b = good.clone();
+            b[..8].copy_from_slice(&n.to_le_bytes());
+            check(&b);
+        }
+        // Random byte flips, mostly in the header where they matter.
+        for _ in 0..1500 {
+            let mut b = good.clone();
+            for _ in 0..1 + rng.below(4) {
+                let at = if rng.below(4) == 0 { rng.below(b.len()) } else { rng.below(header_end) };
+                b[at] ^= 1 << rng.below(8);
+            }
+            check(&b);
+        }
+        // Header JSON rewritten with lies about shapes, offsets, dtypes and metadata.
+        let header: serde_json::Value = serde_json::from_slice(&good[8..header_end]).expect("header json");
+        let names: Vec<String> = header.as_object().expect("object").keys().cloned().collect();
+        let big = [0u64, 1, 2, 3, 4, 12, 65536, 1 << 32, (1 << 32) + 65536, u32::MAX as u64, u64::MAX / 2, u64::MAX];
+        let dtypes = ["U8", "U32", "F16", "F32", "I64", "BOOL", "F4", "F6_E2M3", "nope"];
+        for _ in 0..1500 {
+            let mut h = header.clone();
+            let name = &names[rng.below(names.len())];
+            let entry = &mut h[name.as_str()];
+            if name == "__metadata__" {
+                let mut m: serde_json::Value = serde_json::from_str(entry["driftwood"].as_str().unwrap_or("{}")).unwrap_or_default();
+                let v = serde_json::json!(big[rng.below(big.len())]);
+                match rng.below(8) {
+                    0 => m["kv_len"] = v,
+                    1 => m["memory_bytes"] = v,
+                    2 => m["model"]["n_layers"] = v,
+                    3 => m["model"]["kv_dim"] = v,
+                    4 => m["model"]["vocab_size"] = v,
+                    5 => m["model"] = serde_json::Value::Null,
+                    6 => m["globals"] = serde_json::json!([[v, {"I32": 1}], [0, {"F64": 1}]]),
+                    _ => entry["format_version"] = serde_json::json!(v.to_string()),
+                }
+                entry["driftwood"] = serde_json::json!(m.to_string());
+            } else {
+                match rng.below(6) {
+                    0 => {
+                        let dims = rng.below(4);
+                        entry["shape"] = (0..dims).map(|_| big[rng.below(big.len())]).collect();
+                    }
+                    1 => {
+                        let shape = entry["shape"].as_array_mut().expect("shape");
+                        if let Some(d) = shape.first_mut() {
+                            *d = serde_json::json!(d.as_u64().unwrap_or(0).wrapping_add(rng.below(3) as u64).saturating_sub(1));
+                        }
+                    }
+                    2 => {
+                        let o = &mut entry["data_offsets"];
+                        let i = rng.below(2);
+                        let cur = o[i].as_u64().unwrap_or(0);
+                        o[i] = serde_json::json!(if rng.below(2) == 0 { big[rng.below(big.len())] } else { cur ^ (1 << rng.below(20)) });
+                    }
+                    3 => entry["dtype"] = serde_json::json!(dtypes[rng.below(dtypes.len())]),
+                    4 => {
+                        let v = entry.clone();
+                        h.as_object_mut().expect("object").insert(format!("kv.{}.k", rng.below(4)), v);
+                    }
+                    _ => {
+                        h.as_object_mut().expect("object").remove(name);
+                    }
+                }
+            }
+            let mut hb = serde_json::to_vec(&h).expect("encode");
+            hb.resize(hb.len().next_multiple_of(8), b' ');
+            let mut b = (hb.len() as u64).to_le_bytes().to_vec();
+            b.extend_from_slice(&hb);
+            b.extend_from_slice(&good[header_end..]);
+            check(&b);
+        }
+        eprintln!("fuzz: {ok} accepted, {err} rejected");
+        assert!(err > 2500, "most mutations must be caught, {err} were");
+    }
+
+    /// `cargo test --release -- --ignored --nocapture bench_large` for the numbers in the report.
+    #[test]
+    #[ignore]
+    fn bench_large_snapshot() {
+        let dir = tempdir();
+        let snap = sample(30, 192, 4096, 32000, 32, &(0..32).collect::<Vec<_>>());
+        let path = dir.path().join("big.dws");
+        let t = std::time::Instant::now();
+        let stats = write(&path, &snap).expect("write");
+        let tw = t.elapsed();
+        let t = std::time::Instant::now();
+        let back = read(&path).expect("read");
+        let tr = t.elapsed();
+        let t = std::time::Instant::now();
+        read_meta(&path).expect("read_meta");
+        let tm = t.elapsed();
+        assert!(back == snap);
+        eprintln!(
+            "write {tw:?}, read {tr:?}, read_meta {tm:?}: file {} bytes, kv {} bytes, memory {} stored",
+            stats.file_bytes, stats.kv_bytes, stats.stored_memory_bytes
+        );
+    }
+}
