@@ -8,3 +8,4 @@ pub mod actor;
 pub mod backend;
 pub mod bench;
 pub mod engine;
+pub mod snapshot;

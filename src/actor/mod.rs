@@ -7,6 +7,7 @@
 //! taken.
 
 pub mod abi;
+pub mod instrument;
 pub mod memory;
 pub mod model_abi;
 pub mod region;
@@ -139,6 +140,8 @@ pub struct ActorModule {
     module: Module,
     has_init: bool,
     has_wasi_initialize: bool,
+    /// Every mutable global, exported by instrumentation so snapshots can read and write it.
+    pub globals: Vec<instrument::GlobalSlot>,
 }
 
 impl ActorModule {
@@ -186,9 +189,12 @@ impl Runtime {
                 return Err(ActorError::Invalid { path, reason: "missing the \\0asm magic number".into() });
             }
         }
-        let module = Module::new(&self.engine, &bytes).map_err(|e| ActorError::Invalid { path: path.clone(), reason: format!("{e:#}") })?;
+        let binary = wat::parse_bytes(&bytes).map_err(|e| ActorError::Invalid { path: path.clone(), reason: e.to_string() })?;
+        let (instrumented, globals) = instrument::instrument(&binary).map_err(|e| ActorError::Invalid { path: path.clone(), reason: e.to_string() })?;
+        let module = Module::new(&self.engine, &instrumented).map_err(|e| ActorError::Invalid { path: path.clone(), reason: format!("{e:#}") })?;
         let (has_init, has_wasi_initialize) = check_contract(&module).map_err(|reason| ActorError::NotAnActor { path: path.clone(), reason })?;
-        Ok(ActorModule { name, path, bytes: Arc::new(bytes), module, has_init, has_wasi_initialize })
+        let bytes = binary.into_owned();
+        Ok(ActorModule { name, path, bytes: Arc::new(bytes), module, has_init, has_wasi_initialize, globals })
     }
 
     /// Instantiates an actor (without calling its init: see [`Actor::init`]).
@@ -291,7 +297,6 @@ fn fmt_types(t: &[ValType]) -> String {
 pub struct Actor {
     pub module: ActorModule,
     store: Store<ActorState>,
-    #[allow(dead_code)]
     instance: Instance,
     memory: Memory,
     region: Region,
@@ -401,5 +406,48 @@ impl Actor {
         let pages = (bytes - have).div_ceil(65536) as u64;
         self.memory.grow(&mut self.store, pages).map_err(|e| self.protocol(format!("cannot grow memory to {bytes} bytes: {e:#}")))?;
         Ok(())
+    }
+
+    /// Values of every mutable global, by global index (for snapshots; between messages).
+    pub fn global_values(&mut self) -> Result<Vec<(u32, wasmtime::Val)>, ActorError> {
+        let mut out = Vec::with_capacity(self.module.globals.len());
+        for slot in &self.module.globals {
+            let g = self.instance.get_global(&mut self.store, &slot.export).ok_or_else(|| self.protocol(format!("global export `{}` is missing", slot.export)))?;
+            out.push((slot.index, g.get(&mut self.store)));
+        }
+        Ok(out)
+    }
+
+    /// Overwrites linear memory (growing it to `bytes.len()`) and mutable globals with a
+    /// snapshot's. Fails without partial effect on globals if any value has the wrong type.
+    pub fn restore_state(&mut self, bytes: &[u8], globals: &[(u32, wasmtime::Val)]) -> Result<(), ActorError> {
+        let mut targets = Vec::with_capacity(globals.len());
+        for (index, val) in globals {
+            let slot = self.module.globals.iter().find(|s| s.index == *index).ok_or_else(|| self.protocol(format!("the snapshot sets global {index}, which is not a mutable global of this module")))?;
+            let g = self.instance.get_global(&mut self.store, &slot.export).ok_or_else(|| self.protocol(format!("global export `{}` is missing", slot.export)))?;
+            if !g.ty(&self.store).content().matches(&val.ty(&self.store).map_err(|e| self.protocol(format!("{e:#}")))?) {
+                return Err(self.protocol(format!("global {index} has type {}, the snapshot holds another type", g.ty(&self.store).content())));
+            }
+            targets.push((g, val.clone()));
+        }
+        if self.memory_size() > bytes.len() {
+            return Err(self.protocol(format!("the fresh instance already has {} bytes of memory, more than the snapshot's {}", self.memory_size(), bytes.len())));
+        }
+        self.grow_to(bytes.len())?;
+        self.memory.data_mut(&mut self.store)[..bytes.len()].copy_from_slice(bytes);
+        for (g, val) in targets {
+            g.set(&mut self.store, val).map_err(|e| self.protocol(format!("{e:#}")))?;
+        }
+        Ok(())
+    }
+
+    /// The whole linear memory (a copy).
+    pub fn memory_bytes(&self) -> Vec<u8> {
+        self.memory.data(&self.store).to_vec()
+    }
+
+    /// Takes the model session out (e.g. to rebuild it), leaving none.
+    pub fn take_session(&mut self) -> Option<crate::engine::Session> {
+        self.store.data_mut().session.take()
     }
 }

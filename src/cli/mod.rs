@@ -3,6 +3,7 @@
 mod bench;
 mod model;
 mod run;
+mod snapshot;
 
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     Run(run::RunArgs),
+    Restore(snapshot::RestoreArgs),
+    Inspect(snapshot::InspectArgs),
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
@@ -32,6 +35,8 @@ impl Command {
     pub fn execute(self) -> anyhow::Result<()> {
         match self {
             Command::Run(args) => args.execute(),
+            Command::Restore(args) => args.execute(),
+            Command::Inspect(args) => args.execute(),
             Command::Bench(cmd) => cmd.execute(),
         }
     }
@@ -39,7 +44,11 @@ impl Command {
 
 /// 1 when the actor failed (trap, timeout, broken protocol), 2 for everything else.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    match err.downcast_ref::<ActorError>() {
+    let actor = err.downcast_ref::<ActorError>().or_else(|| match err.downcast_ref::<driftwood::snapshot::ThawError>() {
+        Some(driftwood::snapshot::ThawError::Actor(e)) => Some(e),
+        _ => None,
+    });
+    match actor {
         Some(e) if e.is_actor_failure() => 1,
         _ => 2,
     }

@@ -24,6 +24,9 @@ pub struct RunArgs {
     /// A message to deliver (repeat for several); without it, stdin lines are the messages
     #[arg(short, long = "prompt", value_name = "TEXT")]
     pub prompts: Vec<String>,
+    /// Snapshot the actor to FILE after the last message (see `driftwood restore`)
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     #[command(flatten)]
@@ -69,27 +72,54 @@ impl RunArgs {
             actor.attach_session(self.model.session(&loaded)?);
         }
         actor.init()?;
-        let mut out = std::io::stdout();
-        let mut deliver = |msg: &str| -> anyhow::Result<()> {
-            let reply = actor.deliver(msg.as_bytes())?;
-            if !reply.is_empty() {
-                out.write_all(&reply)?;
-                if !reply.ends_with(b"\n") {
-                    out.write_all(b"\n")?;
-                }
-            }
-            out.flush()?;
-            Ok(())
-        };
-        if self.prompts.is_empty() {
-            for line in std::io::stdin().lock().lines() {
-                deliver(&line?)?;
-            }
-        } else {
-            for prompt in &self.prompts {
-                deliver(prompt)?;
-            }
+        deliver_messages(&mut actor, &self.prompts)?;
+        if let Some(path) = &self.save {
+            save_snapshot(&mut actor, path, self.runtime.verbose)?;
         }
         Ok(())
     }
+}
+
+/// Delivers the prompts (or stdin lines) one at a time, printing each reply.
+pub fn deliver_messages(actor: &mut driftwood::actor::Actor, prompts: &[String]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout();
+    let mut deliver = |msg: &str| -> anyhow::Result<()> {
+        let reply = actor.deliver(msg.as_bytes())?;
+        if !reply.is_empty() {
+            out.write_all(&reply)?;
+            if !reply.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    };
+    if prompts.is_empty() {
+        for line in std::io::stdin().lock().lines() {
+            deliver(&line?)?;
+        }
+    } else {
+        for prompt in prompts {
+            deliver(prompt)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a snapshot atomically and reports its size on stderr.
+pub fn save_snapshot(actor: &mut driftwood::actor::Actor, path: &std::path::Path, verbose: bool) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let stats = driftwood::snapshot::save(actor, path)?;
+    if verbose {
+        eprintln!(
+            "driftwood: saved {} ({} bytes: {} of {} memory bytes stored, {} KV bytes) in {:.1} ms",
+            path.display(),
+            stats.file_bytes,
+            stats.stored_memory_bytes,
+            stats.memory_bytes,
+            stats.kv_bytes,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
 }

@@ -233,7 +233,7 @@ fn file_name(path: &Path) -> String {
     path.display().to_string()
 }
 
-fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io {
         file: file_name(path),
         op,
@@ -246,8 +246,12 @@ fn kv_name(layer: usize, which: char) -> String {
 }
 
 /// Checks the metadata on its own; shared by `write` and `read`. `fail` builds the error.
-fn check_meta(meta: &SnapshotMeta, fail: &dyn Fn(String) -> SnapshotError) -> Result<(), SnapshotError> {
-    if meta.memory_bytes % PAGE_BYTES as u64 != 0 || meta.memory_bytes > MAX_MEMORY_BYTES {
+fn check_meta(
+    meta: &SnapshotMeta,
+    fail: &dyn Fn(String) -> SnapshotError,
+) -> Result<(), SnapshotError> {
+    if !meta.memory_bytes.is_multiple_of(PAGE_BYTES as u64) || meta.memory_bytes > MAX_MEMORY_BYTES
+    {
         return Err(fail(format!(
             "memory_bytes {} is not a multiple of 65536 up to 4 GiB",
             meta.memory_bytes
@@ -267,7 +271,10 @@ fn check_meta(meta: &SnapshotMeta, fail: &dyn Fn(String) -> SnapshotError) -> Re
         None => Ok(()),
         Some(m) => {
             if m.n_layers == 0 || m.n_layers > MAX_LAYERS {
-                return Err(fail(format!("model.n_layers {} is not in 1..={MAX_LAYERS}", m.n_layers)));
+                return Err(fail(format!(
+                    "model.n_layers {} is not in 1..={MAX_LAYERS}",
+                    m.n_layers
+                )));
             }
             if m.kv_dim == 0 || m.vocab_size == 0 {
                 return Err(fail(format!(
@@ -356,10 +363,9 @@ fn check_snapshot(path: &Path, snap: &Snapshot) -> Result<(), SnapshotError> {
     match (&snap.logits, vocab) {
         (None, _) => Ok(()),
         (Some(_), None) => Err(fail("logits without a model".into())),
-        (Some(l), Some(v)) if l.len() != v => Err(fail(format!(
-            "{} logits, vocab_size is {v}",
-            l.len()
-        ))),
+        (Some(l), Some(v)) if l.len() != v => {
+            Err(fail(format!("{} logits, vocab_size is {v}", l.len())))
+        }
         (Some(_), Some(_)) => Ok(()),
     }
 }
@@ -572,7 +578,9 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> 
             out.flush()
         })();
         written.map_err(io_err(path, "write temp file"))?;
-        let file = out.into_inner().map_err(|e| io_err(path, "write temp file")(e.into_error()))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| io_err(path, "write temp file")(e.into_error()))?;
         file.sync_all().map_err(io_err(path, "fsync temp file"))?;
         drop(file);
         std::fs::rename(&temp, path).map_err(io_err(path, "rename temp file over it"))
@@ -628,10 +636,11 @@ fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<Header, Sn
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header)
         .map_err(io_err(path, "read header"))?;
-    let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| SnapshotError::Header {
-        file: fname(),
-        reason: e.to_string(),
-    })?;
+    let metadata: Metadata =
+        serde_json::from_slice(&header).map_err(|e| SnapshotError::Header {
+            file: fname(),
+            reason: e.to_string(),
+        })?;
     let data_start = 8 + header_len;
     let available = file_len - data_start;
     if metadata.data_len() as u64 != available {
@@ -644,10 +653,8 @@ fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<Header, Sn
 
     let kv = metadata.metadata().as_ref();
     let get = |key: &'static str| {
-        kv.and_then(|m| m.get(key)).ok_or(SnapshotError::NotSnapshot {
-            file: fname(),
-            key,
-        })
+        kv.and_then(|m| m.get(key))
+            .ok_or_else(|| SnapshotError::NotSnapshot { file: fname(), key })
     };
     let format = get("format")?;
     if format != FORMAT_NAME {
@@ -676,7 +683,10 @@ fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<Header, Sn
             found: meta.format_version.to_string(),
         });
     }
-    let invalid = |what: String| SnapshotError::Invalid { file: fname(), what };
+    let invalid = |what: String| SnapshotError::Invalid {
+        file: fname(),
+        what,
+    };
     check_meta(&meta, &invalid)?;
 
     let n_pages = check_tensors(path, &meta, &metadata)?;
@@ -690,7 +700,11 @@ fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<Header, Sn
 
 /// Checks that the file holds exactly the tensors `meta` calls for, with the right dtypes and
 /// shapes. Returns the number of stored memory pages.
-fn check_tensors(path: &Path, meta: &SnapshotMeta, metadata: &Metadata) -> Result<usize, SnapshotError> {
+fn check_tensors(
+    path: &Path,
+    meta: &SnapshotMeta,
+    metadata: &Metadata,
+) -> Result<usize, SnapshotError> {
     let fname = || file_name(path);
     let tensors = metadata.tensors();
     let total_pages = (meta.memory_bytes / PAGE_BYTES as u64) as usize;
@@ -713,20 +727,8 @@ fn check_tensors(path: &Path, meta: &SnapshotMeta, metadata: &Metadata) -> Resul
 
     // (name, dtype, shape, why the shape is what it is)
     let mut expected: Vec<(String, Dtype, Vec<usize>, String)> = Vec::new();
-    let module_ok = |info: &TensorInfo| matches!(info.shape.as_slice(), [n] if *n >= 1);
+    const MODULE_SHAPE: &str = "[module_len] with module_len ≥ 1";
     match tensors.get(T_MODULE) {
-        Some(info) if module_ok(info) => {
-            let why = "[module_len] with module_len ≥ 1".to_string();
-            expected.push((T_MODULE.into(), Dtype::U8, info.shape.clone(), why));
-        }
-        Some(info) => {
-            return Err(SnapshotError::TensorShape {
-                file: fname(),
-                name: T_MODULE.into(),
-                shape: info.shape.clone(),
-                expected: "[module_len] with module_len ≥ 1".into(),
-            })
-        }
         None => {
             return Err(SnapshotError::MissingTensor {
                 file: fname(),
@@ -734,14 +736,38 @@ fn check_tensors(path: &Path, meta: &SnapshotMeta, metadata: &Metadata) -> Resul
                 reason: "every snapshot carries its module".into(),
             })
         }
+        Some(info) if !matches!(info.shape.as_slice(), [n] if *n >= 1) => {
+            return Err(SnapshotError::TensorShape {
+                file: fname(),
+                name: T_MODULE.into(),
+                shape: info.shape.clone(),
+                expected: MODULE_SHAPE.into(),
+            })
+        }
+        Some(info) => expected.push((
+            T_MODULE.into(),
+            Dtype::U8,
+            info.shape.clone(),
+            MODULE_SHAPE.into(),
+        )),
     }
     if n_pages > 0 {
         let why = format!("{n_pages} pages in {T_PAGE_INDEX}");
-        expected.push((T_PAGES.into(), Dtype::U8, vec![n_pages, PAGE_BYTES], why.clone()));
+        expected.push((
+            T_PAGES.into(),
+            Dtype::U8,
+            vec![n_pages, PAGE_BYTES],
+            why.clone(),
+        ));
         expected.push((T_PAGE_INDEX.into(), Dtype::U32, vec![n_pages], why));
     }
     if let (Some(m), true) = (&meta.model, meta.kv_len > 0) {
-        expected.push((T_TOKENS.into(), Dtype::U32, vec![meta.kv_len], format!("kv_len {}", meta.kv_len)));
+        expected.push((
+            T_TOKENS.into(),
+            Dtype::U32,
+            vec![meta.kv_len],
+            format!("kv_len {}", meta.kv_len),
+        ));
         for layer in 0..m.n_layers {
             for which in ['k', 'v'] {
                 expected.push((
@@ -754,7 +780,12 @@ fn check_tensors(path: &Path, meta: &SnapshotMeta, metadata: &Metadata) -> Resul
         }
     }
     if let (Some(m), Some(_)) = (&meta.model, tensors.get(T_LOGITS)) {
-        expected.push((T_LOGITS.into(), Dtype::F32, vec![m.vocab_size], format!("vocab_size {}", m.vocab_size)));
+        expected.push((
+            T_LOGITS.into(),
+            Dtype::F32,
+            vec![m.vocab_size],
+            format!("vocab_size {}", m.vocab_size),
+        ));
     }
 
     for (name, dtype, shape, why) in &expected {
@@ -909,7 +940,10 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
 
     let mut memory = zeroed(meta.memory_bytes).ok_or_else(|| SnapshotError::Invalid {
         file: fname(),
-        what: format!("cannot allocate {} bytes of linear memory", meta.memory_bytes),
+        what: format!(
+            "cannot allocate {} bytes of linear memory",
+            meta.memory_bytes
+        ),
     })?;
     if header.n_pages > 0 {
         tensor_bytes(path, &mut file, &header, T_PAGE_INDEX, &mut buf)?;
@@ -917,16 +951,20 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
         let total_pages = memory.len() / PAGE_BYTES;
         let mut prev: Option<u32> = None;
         for &page in &index {
-            if (page as usize) >= total_pages || prev.is_some_and(|p| p >= page) {
-                return Err(SnapshotError::Invalid {
-                    file: fname(),
-                    what: format!(
-                        "{T_PAGE_INDEX} entry {page} is out of range (memory has {total_pages} \
-                         pages) or not after the previous entry"
-                    ),
-                });
-            }
-            prev = Some(page);
+            let what = if page as usize >= total_pages {
+                format!(
+                    "{T_PAGE_INDEX} entry {page} is out of range (memory has {total_pages} pages)"
+                )
+            } else if let Some(p) = prev.filter(|&p| p >= page) {
+                format!("{T_PAGE_INDEX} is not strictly increasing: {p} then {page}")
+            } else {
+                prev = Some(page);
+                continue;
+            };
+            return Err(SnapshotError::Invalid {
+                file: fname(),
+                what,
+            });
         }
         tensor_bytes(path, &mut file, &header, T_PAGES, &mut buf)?;
         for (&page, data) in index.iter().zip(buf.chunks_exact(PAGE_BYTES)) {
@@ -992,7 +1030,14 @@ mod tests {
     }
 
     /// A snapshot with `pages` pages of memory of which `nonzero` (spread out) hold data.
-    fn sample(n_layers: usize, kv_dim: usize, kv_len: usize, vocab: usize, pages: usize, nonzero: &[usize]) -> Snapshot {
+    fn sample(
+        n_layers: usize,
+        kv_dim: usize,
+        kv_len: usize,
+        vocab: usize,
+        pages: usize,
+        nonzero: &[usize],
+    ) -> Snapshot {
         let mut rng = Rng(42);
         let module = b"\0asm\x01\0\0\0 pretend module".to_vec();
         let mut memory = vec![0u8; pages * PAGE_BYTES];
@@ -1003,7 +1048,11 @@ mod tests {
         }
         let kv = (0..n_layers)
             .map(|_| {
-                let mut t = || (0..kv_len * kv_dim).map(|_| rng.next() as u16).collect::<Vec<_>>();
+                let mut t = || {
+                    (0..kv_len * kv_dim)
+                        .map(|_| rng.next() as u16)
+                        .collect::<Vec<_>>()
+                };
                 (t(), t())
             })
             .collect();
@@ -1015,7 +1064,10 @@ mod tests {
                 actor_name: "echo".into(),
                 module_sha256: module_sha256(&module),
                 memory_bytes: memory.len() as u64,
-                globals: vec![(0, GlobalValue::I32(-7)), (2, GlobalValue::F64(f64::NAN.to_bits() | 1))],
+                globals: vec![
+                    (0, GlobalValue::I32(-7)),
+                    (2, GlobalValue::F64(f64::NAN.to_bits() | 1)),
+                ],
                 model: Some(ModelRef {
                     name: "tiny".into(),
                     architecture: "llama".into(),
@@ -1025,7 +1077,9 @@ mod tests {
                     kv_dim,
                     vocab_size: vocab,
                 }),
-                sampler: Some(serde_json::json!({"temperature": 0.5, "seed": u64::MAX, "rng": [1, 2]})),
+                sampler: Some(
+                    serde_json::json!({"temperature": 0.5, "seed": u64::MAX, "rng": [1, 2]}),
+                ),
                 kv_len,
                 conversation_text: Some("user: hi\nassistant: \"hello\" ✓".into()),
             },
@@ -1061,7 +1115,12 @@ mod tests {
         edit(&mut tensors, &mut meta);
         let views: Vec<_> = tensors
             .iter()
-            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("consistent edit")))
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    TensorView::new(*d, s.clone(), b).expect("consistent edit"),
+                )
+            })
             .collect();
         safetensors::serialize(views, Some(meta)).expect("serialize")
     }
@@ -1069,7 +1128,10 @@ mod tests {
     fn edit_meta(meta: &mut HashMap<String, String>, f: impl FnOnce(&mut SnapshotMeta)) {
         let mut m: SnapshotMeta = serde_json::from_str(&meta["driftwood"]).expect("meta json");
         f(&mut m);
-        meta.insert("driftwood".into(), serde_json::to_string(&m).expect("encode"));
+        meta.insert(
+            "driftwood".into(),
+            serde_json::to_string(&m).expect("encode"),
+        );
     }
 
     fn read_err(dir: &Path, bytes: &[u8]) -> String {
@@ -1086,7 +1148,7 @@ mod tests {
         let dir = tempdir();
         for snap in [
             small(),
-            sample(2, 4, 0, 16, 1, &[]),  // model, empty KV cache, no stored pages
+            sample(2, 4, 0, 16, 1, &[]), // model, empty KV cache, no stored pages
             sample(1, 4, 3, 0, 2, &[0, 1]), // no logits
         ] {
             let mut snap = snap;
@@ -1095,7 +1157,10 @@ mod tests {
             }
             let path = dir.path().join("snap.dws");
             let stats = write(&path, &snap).expect("write");
-            assert_eq!(stats.file_bytes, std::fs::metadata(&path).expect("stat").len());
+            assert_eq!(
+                stats.file_bytes,
+                std::fs::metadata(&path).expect("stat").len()
+            );
             let back = read(&path).expect("read");
             assert_eq!(back, snap);
         }
@@ -1137,9 +1202,15 @@ mod tests {
         assert_eq!(stats.memory_bytes, 1 << 20);
         assert_eq!(stats.stored_memory_bytes, 2 * PAGE_BYTES as u64);
         let len = std::fs::metadata(&path).expect("stat").len();
-        assert!(len > 2 * PAGE_BYTES as u64 && len < 2 * PAGE_BYTES as u64 + 4096, "file is {len} bytes");
+        assert!(
+            len > 2 * PAGE_BYTES as u64 && len < 2 * PAGE_BYTES as u64 + 4096,
+            "file is {len} bytes"
+        );
         let (_, tensors) = read_meta(&path).expect("read_meta");
-        let index = tensors.iter().find(|t| t.name == T_PAGE_INDEX).expect("page index");
+        let index = tensors
+            .iter()
+            .find(|t| t.name == T_PAGE_INDEX)
+            .expect("page index");
         assert_eq!(index.shape, [2]);
         assert_eq!(read(&path).expect("read").memory, snap.memory);
     }
@@ -1152,7 +1223,10 @@ mod tests {
         let (meta, tensors) = read_meta(&path).expect("read_meta");
         assert_eq!(meta, small().meta);
         let kv = tensors.iter().find(|t| t.name == "kv.3.v").expect("kv.3.v");
-        assert_eq!((kv.dtype.as_str(), kv.shape.as_slice(), kv.bytes), ("F16", &[13, 8][..], 13 * 8 * 2));
+        assert_eq!(
+            (kv.dtype.as_str(), kv.shape.as_slice(), kv.bytes),
+            ("F16", &[13, 8][..], 13 * 8 * 2)
+        );
         assert_eq!(tensors.len(), 1 + 2 + 1 + 8 + 1);
     }
 
@@ -1164,7 +1238,10 @@ mod tests {
         write(&path, &snap).expect("write");
         let bytes = std::fs::read(&path).expect("read back");
         let bad = rewrite(&bytes, |tensors, _| {
-            let t = tensors.iter_mut().find(|t| t.0 == "kv.3.k").expect("kv.3.k");
+            let t = tensors
+                .iter_mut()
+                .find(|t| t.0 == "kv.3.k")
+                .expect("kv.3.k");
             t.2 = vec![12, 192];
             t.3.truncate(12 * 192 * 2);
         });
@@ -1182,21 +1259,83 @@ mod tests {
         let path = dir.path().join("snap.dws");
         write(&path, &small()).expect("write");
         let good = std::fs::read(&path).expect("read back");
-        type Edit = Box<dyn FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>)>;
-        let cases: Vec<(Edit, &str)> = vec![
-            (Box::new(|_, m| { m.insert("format_version".into(), "2".into()); }), "format version 2, this driftwood reads version 1"),
-            (Box::new(|_, m| { m.remove("driftwood"); }), "not a driftwood snapshot: __metadata__ has no 'driftwood'"),
-            (Box::new(|t, _| t.retain(|t| t.0 != "kv.2.v")), "missing tensor 'kv.2.v' (metadata says kv_len 13 × kv_dim 8)"),
-            (Box::new(|t, _| t.push(("kv.4.k".into(), Dtype::F16, vec![13, 8], vec![0; 13 * 16]))), "unexpected tensor 'kv.4.k'"),
-            (Box::new(|t, _| t.iter_mut().filter(|t| t.0 == T_TOKENS).for_each(|t| t.1 = Dtype::I32)), "tensor 'conversation.tokens' has dtype I32, expected U32"),
-            (Box::new(|_, m| edit_meta(m, |m| m.module_sha256 = "00".repeat(32))), "module sha256 is"),
-            (Box::new(|_, m| edit_meta(m, |m| m.memory_bytes = 0)), "tensor 'actor.memory.page_index' has shape [1]"),
-            (Box::new(|_, m| edit_meta(m, |m| m.memory_bytes = 65537)), "memory_bytes 65537 is not a multiple of 65536"),
-            (Box::new(|_, m| edit_meta(m, |m| m.model.as_mut().expect("model").n_layers = 1 << 40)), "model.n_layers 1099511627776 is not in"),
-            (Box::new(|_, m| edit_meta(m, |m| m.globals.reverse())), "globals are not strictly increasing"),
+        type Edit =
+            fn(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>);
+        let cases: [(Edit, &str); _] = [
             (
-                Box::new(|t, _| t.iter_mut().filter(|t| t.0 == T_PAGE_INDEX).for_each(|t| t.3 = 7u32.to_le_bytes().to_vec())),
+                |_, m| {
+                    m.insert("format_version".into(), "2".into());
+                },
+                "format version 2, this driftwood reads version 1",
+            ),
+            (
+                |_, m| {
+                    m.remove("driftwood");
+                },
+                "not a driftwood snapshot: __metadata__ has no 'driftwood'",
+            ),
+            (
+                |t, _| t.retain(|t| t.0 != "kv.2.v"),
+                "missing tensor 'kv.2.v' (metadata says kv_len 13 × kv_dim 8)",
+            ),
+            (
+                |t, _| t.push(("kv.4.k".into(), Dtype::F16, vec![13, 8], vec![0; 13 * 16])),
+                "unexpected tensor 'kv.4.k'",
+            ),
+            (
+                |t, _| {
+                    t.iter_mut()
+                        .filter(|t| t.0 == T_TOKENS)
+                        .for_each(|t| t.1 = Dtype::I32)
+                },
+                "tensor 'conversation.tokens' has dtype I32, expected U32",
+            ),
+            (
+                |_, m| edit_meta(m, |m| m.module_sha256 = "00".repeat(32)),
+                "module sha256 is",
+            ),
+            (
+                |_, m| edit_meta(m, |m| m.memory_bytes = 0),
+                "tensor 'actor.memory.page_index' has shape [1]",
+            ),
+            (
+                |_, m| edit_meta(m, |m| m.memory_bytes = 65537),
+                "memory_bytes 65537 is not a multiple of 65536",
+            ),
+            (
+                |_, m| edit_meta(m, |m| m.model.as_mut().expect("model").n_layers = 1 << 40),
+                "model.n_layers 1099511627776 is not in",
+            ),
+            (
+                |_, m| edit_meta(m, |m| m.globals.reverse()),
+                "globals are not strictly increasing",
+            ),
+            (
+                |t, _| {
+                    t.iter_mut()
+                        .filter(|t| t.0 == T_PAGE_INDEX)
+                        .for_each(|t| t.3 = 7u32.to_le_bytes().to_vec())
+                },
                 "actor.memory.page_index entry 7 is out of range (memory has 3 pages)",
+            ),
+            (
+                |t, _| {
+                    // Two stored pages, both claiming page 1.
+                    for t in t.iter_mut() {
+                        if t.0 == T_PAGE_INDEX {
+                            *t = (
+                                t.0.clone(),
+                                Dtype::U32,
+                                vec![2],
+                                [1u32, 1].iter().flat_map(|p| p.to_le_bytes()).collect(),
+                            );
+                        } else if t.0 == T_PAGES {
+                            t.2 = vec![2, PAGE_BYTES];
+                            t.3 = vec![1; 2 * PAGE_BYTES];
+                        }
+                    }
+                },
+                "actor.memory.page_index is not strictly increasing: 1 then 1",
             ),
         ];
         for (edit, want) in cases {
@@ -1212,8 +1351,12 @@ mod tests {
         let mut bytes = vec![0u8; 64];
         bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         let msg = read_err(dir.path(), &bytes);
-        assert!(msg.ends_with("header length 18446744073709551615 does not fit in a 64-byte file"), "{msg}");
-        assert!(read_err(dir.path(), b"abc").ends_with("3-byte file is too short for a safetensors header"));
+        assert!(
+            msg.ends_with("header length 18446744073709551615 does not fit in a 64-byte file"),
+            "{msg}"
+        );
+        assert!(read_err(dir.path(), b"abc")
+            .ends_with("3-byte file is too short for a safetensors header"));
     }
 
     #[test]
@@ -1225,22 +1368,32 @@ mod tests {
 
         let mut bad = small();
         bad.tokens.pop();
-        let msg = write(&path, &bad).expect_err("inconsistent snapshot").to_string();
-        assert!(msg.ends_with("snapshot to write is inconsistent: 12 tokens, kv_len is 13"), "{msg}");
+        let msg = write(&path, &bad)
+            .expect_err("inconsistent snapshot")
+            .to_string();
+        assert!(
+            msg.ends_with("snapshot to write is inconsistent: 12 tokens, kv_len is 13"),
+            "{msg}"
+        );
         assert_eq!(std::fs::read(&path).expect("read back"), before);
 
         // Renaming over a non-empty directory fails after the temp file is complete.
         let blocked = dir.path().join("blocked.dws");
         std::fs::create_dir(&blocked).expect("mkdir");
         std::fs::write(blocked.join("keep"), b"x").expect("write");
-        let msg = write(&blocked, &small()).expect_err("rename onto a directory").to_string();
+        let msg = write(&blocked, &small())
+            .expect_err("rename onto a directory")
+            .to_string();
         assert!(msg.contains("cannot rename temp file over it"), "{msg}");
 
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .expect("list")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(names.iter().all(|n| !n.contains(".tmp-")), "temp files left behind: {names:?}");
+        assert!(
+            names.iter().all(|n| !n.contains(".tmp-")),
+            "temp files left behind: {names:?}"
+        );
         assert_eq!(read(&path).expect("read"), small());
     }
 
@@ -1278,7 +1431,10 @@ mod tests {
             match read(&path) {
                 Ok(_) => ok += 1,
                 Err(e) => {
-                    assert!(e.to_string().starts_with(&path.display().to_string()), "{e}");
+                    assert!(
+                        e.to_string().starts_with(&path.display().to_string()),
+                        "{e}"
+                    );
                     err += 1
                 }
             }
@@ -1290,7 +1446,16 @@ mod tests {
             check(&good[..len]);
         }
         // Header lengths that lie.
-        for n in [0, 1, 7, header_end as u64 - 9, header_end as u64 - 7, good.len() as u64, u64::MAX, 1 << 40] {
+        for n in [
+            0,
+            1,
+            7,
+            header_end as u64 - 9,
+            header_end as u64 - 7,
+            good.len() as u64,
+            u64::MAX,
+            1 << 40,
+        ] {
             let mut b = good.clone();
             b[..8].copy_from_slice(&n.to_le_bytes());
             check(&b);
@@ -1299,22 +1464,49 @@ mod tests {
         for _ in 0..1500 {
             let mut b = good.clone();
             for _ in 0..1 + rng.below(4) {
-                let at = if rng.below(4) == 0 { rng.below(b.len()) } else { rng.below(header_end) };
+                let at = if rng.below(4) == 0 {
+                    rng.below(b.len())
+                } else {
+                    rng.below(header_end)
+                };
                 b[at] ^= 1 << rng.below(8);
             }
             check(&b);
         }
         // Header JSON rewritten with lies about shapes, offsets, dtypes and metadata.
-        let header: serde_json::Value = serde_json::from_slice(&good[8..header_end]).expect("header json");
-        let names: Vec<String> = header.as_object().expect("object").keys().cloned().collect();
-        let big = [0u64, 1, 2, 3, 4, 12, 65536, 1 << 32, (1 << 32) + 65536, u32::MAX as u64, u64::MAX / 2, u64::MAX];
-        let dtypes = ["U8", "U32", "F16", "F32", "I64", "BOOL", "F4", "F6_E2M3", "nope"];
+        let header: serde_json::Value =
+            serde_json::from_slice(&good[8..header_end]).expect("header json");
+        let names: Vec<String> = header
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect();
+        let big = [
+            0u64,
+            1,
+            2,
+            3,
+            4,
+            12,
+            65536,
+            1 << 32,
+            (1 << 32) + 65536,
+            u32::MAX as u64,
+            u64::MAX / 2,
+            u64::MAX,
+        ];
+        let dtypes = [
+            "U8", "U32", "F16", "F32", "I64", "BOOL", "F4", "F6_E2M3", "nope",
+        ];
         for _ in 0..1500 {
             let mut h = header.clone();
             let name = &names[rng.below(names.len())];
             let entry = &mut h[name.as_str()];
             if name == "__metadata__" {
-                let mut m: serde_json::Value = serde_json::from_str(entry["driftwood"].as_str().unwrap_or("{}")).unwrap_or_default();
+                let mut m: serde_json::Value =
+                    serde_json::from_str(entry["driftwood"].as_str().unwrap_or("{}"))
+                        .unwrap_or_default();
                 let v = serde_json::json!(big[rng.below(big.len())]);
                 match rng.below(8) {
                     0 => m["kv_len"] = v,
@@ -1336,19 +1528,29 @@ mod tests {
                     1 => {
                         let shape = entry["shape"].as_array_mut().expect("shape");
                         if let Some(d) = shape.first_mut() {
-                            *d = serde_json::json!(d.as_u64().unwrap_or(0).wrapping_add(rng.below(3) as u64).saturating_sub(1));
+                            *d = serde_json::json!(d
+                                .as_u64()
+                                .unwrap_or(0)
+                                .wrapping_add(rng.below(3) as u64)
+                                .saturating_sub(1));
                         }
                     }
                     2 => {
                         let o = &mut entry["data_offsets"];
                         let i = rng.below(2);
                         let cur = o[i].as_u64().unwrap_or(0);
-                        o[i] = serde_json::json!(if rng.below(2) == 0 { big[rng.below(big.len())] } else { cur ^ (1 << rng.below(20)) });
+                        o[i] = serde_json::json!(if rng.below(2) == 0 {
+                            big[rng.below(big.len())]
+                        } else {
+                            cur ^ (1 << rng.below(20))
+                        });
                     }
                     3 => entry["dtype"] = serde_json::json!(dtypes[rng.below(dtypes.len())]),
                     4 => {
                         let v = entry.clone();
-                        h.as_object_mut().expect("object").insert(format!("kv.{}.k", rng.below(4)), v);
+                        h.as_object_mut()
+                            .expect("object")
+                            .insert(format!("kv.{}.k", rng.below(4)), v);
                     }
                     _ => {
                         h.as_object_mut().expect("object").remove(name);

@@ -8,3 +8,4 @@ mod actors;
 mod common;
 mod model;
 mod runtime;
+mod snapshot;
