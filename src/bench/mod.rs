@@ -2,6 +2,7 @@
 //! as a table or as JSON.
 
 pub mod inference;
+pub mod snapshot;
 pub mod zero_copy;
 
 /// Resident set size of this process in bytes (from /proc/self/statm; 0 where unavailable).

@@ -14,6 +14,67 @@ pub enum BenchCommand {
     /// Model load, prefill at several lengths, decode ms/token and the host-function boundary
     /// cost per token. Compare with llama.cpp on the same file: bench/llamacpp.sh
     Inference(InferenceArgs),
+    /// Snapshot save and restore time, file size and bytes/token vs re-prefilling the same
+    /// context from scratch, at several context lengths
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Args)]
+pub struct SnapshotArgs {
+    /// Model: registry name, .gguf file or Hugging Face folder
+    #[arg(short, long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Compute device: auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// CPU worker threads (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Context lengths in tokens
+    #[arg(long, value_delimiter = ',', default_value = "24,512,4096")]
+    pub tokens: Vec<usize>,
+    /// Where the snapshot files are written (default: the system temp dir)
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl SnapshotArgs {
+    fn execute(self) -> anyhow::Result<()> {
+        if self.tokens.iter().any(|&n| n == 0) {
+            anyhow::bail!("--tokens: each length must be at least 1");
+        }
+        let backend = backend::open(self.device, self.threads)?;
+        let args = super::model::ModelArgs { model: Some(self.model.clone()), ..Default::default() };
+        let loaded = args.load(backend, true)?;
+        let dir = self.dir.clone().unwrap_or_else(std::env::temp_dir);
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        let report = driftwood::bench::snapshot::run(loaded.model.clone(), loaded.tokenizer.clone(), &self.tokens, &dir, |m| bar.set_message(m.to_string()))?;
+        bar.finish_and_clear();
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(());
+        }
+        println!("snapshot bench: {} on {}", report.model, report.device);
+        println!();
+        println!("{:>7} {:>11} {:>12} {:>14} {:>12} {:>11} {:>9}", "tokens", "save ms", "restore ms", "re-prefill ms", "file MB", "B/token", "speedup");
+        for r in &report.rows {
+            println!(
+                "{:>7} {:>11.2} {:>12.2} {:>14.1} {:>12.2} {:>11.0} {:>8.1}x",
+                r.tokens,
+                r.save_ms,
+                r.restore_ms,
+                r.reprefill_ms,
+                r.file_bytes as f64 / 1e6,
+                r.bytes_per_token,
+                r.speedup
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -104,6 +165,7 @@ impl BenchCommand {
         match self {
             BenchCommand::ZeroCopy(args) => args.execute(),
             BenchCommand::Inference(args) => args.execute(),
+            BenchCommand::Snapshot(args) => args.execute(),
         }
     }
 }
