@@ -216,3 +216,56 @@ pub struct ModelIdentity {
     pub file: String,
     pub format: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama32_config() -> Config {
+        Config {
+            n_layers: 16,
+            dim: 2048,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 64,
+            ffn_dim: 8192,
+            vocab_size: 128256,
+            context_length: 131072,
+            rms_eps: 1e-5,
+            rope_theta: 500000.0,
+            rope_style: RopeStyle::HalfSplit,
+            rope_scaling: Some(Llama3RopeScaling { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 }),
+        }
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        let c = llama32_config();
+        let scaled = c.rope(None).inv_freq;
+        let plain = Config { rope_scaling: None, ..c }.rope(None).inv_freq;
+        assert_eq!(scaled.len(), 32);
+        // Wavelength 2π/f below 8192/4 = 2048: unchanged.
+        assert_eq!(scaled[0], plain[0]);
+        assert_eq!(scaled[5], plain[5]);
+        // Wavelength above 8192: divided by the factor.
+        let last = plain.len() - 1;
+        assert!((2.0 * std::f32::consts::PI / plain[last]) > 8192.0);
+        assert!((scaled[last] - plain[last] / 32.0).abs() <= plain[last] * 1e-6);
+        // In between: strictly between the two, and monotone in frequency.
+        for i in 0..scaled.len() {
+            assert!(scaled[i] <= plain[i] && scaled[i] >= plain[i] / 32.0 * (1.0 - 1e-6), "pair {i}");
+        }
+        assert!(scaled.windows(2).all(|w| w[1] < w[0]));
+    }
+
+    #[test]
+    fn explicit_rope_factors_divide_frequencies() {
+        let c = Config { rope_scaling: None, ..llama32_config() };
+        let factors: Vec<f32> = (0..32).map(|i| 1.0 + i as f32).collect();
+        let f = c.rope(Some(&factors)).inv_freq;
+        let plain = c.rope(None).inv_freq;
+        for i in 0..32 {
+            assert!((f[i] - plain[i] / factors[i]).abs() <= plain[i] * 1e-6);
+        }
+    }
+}
