@@ -1,6 +1,7 @@
 //! The command line: one clap `Command` enum whose variants each own an `execute()`.
 
 mod bench;
+mod control;
 mod model;
 mod run;
 mod snapshot;
@@ -27,6 +28,7 @@ pub enum Command {
     Run(run::RunArgs),
     Restore(snapshot::RestoreArgs),
     Inspect(snapshot::InspectArgs),
+    Snapshot(control::SnapshotArgs),
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
@@ -37,6 +39,7 @@ impl Command {
             Command::Run(args) => args.execute(),
             Command::Restore(args) => args.execute(),
             Command::Inspect(args) => args.execute(),
+            Command::Snapshot(args) => args.execute(),
             Command::Bench(cmd) => cmd.execute(),
         }
     }

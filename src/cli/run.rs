@@ -24,6 +24,10 @@ pub struct RunArgs {
     /// A message to deliver (repeat for several); without it, stdin lines are the messages
     #[arg(short, long = "prompt", value_name = "TEXT")]
     pub prompts: Vec<String>,
+    /// Listen on this Unix socket for `driftwood snapshot SOCKET -o FILE`; the run then keeps
+    /// serving snapshots after input ends, until one is taken with --stop
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
     /// Snapshot the actor to FILE after the last message (see `driftwood restore`)
     #[arg(long, value_name = "FILE")]
     pub save: Option<PathBuf>,
@@ -72,7 +76,14 @@ impl RunArgs {
             actor.attach_session(self.model.session(&loaded)?);
         }
         actor.init()?;
-        deliver_messages(&mut actor, &self.prompts)?;
+        if let Some(sock) = &self.control {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let _socket = super::control::listen(sock, tx.clone())?;
+            super::control::spawn_input(self.prompts.clone(), tx);
+            super::control::serve_actor(&mut actor, rx)?;
+        } else {
+            deliver_messages(&mut actor, &self.prompts)?;
+        }
         if let Some(path) = &self.save {
             save_snapshot(&mut actor, path, self.runtime.verbose)?;
         }

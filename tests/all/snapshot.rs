@@ -152,3 +152,37 @@ fn killing_a_save_never_damages_the_previous_snapshot() {
         assert!(leftovers.iter().any(|n| n == "g.dws"), "{leftovers:?}");
     }
 }
+
+#[test]
+fn live_actor_is_frozen_through_its_control_socket() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = temp_dir();
+    let sock = dir.path().join("echo.sock");
+    let (s1, s2) = (dir.path().join("one.dws"), dir.path().join("two.dws"));
+    let mut child = driftwood()
+        .args(["run", example_wasm("echo").to_str().unwrap(), "--control", sock.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    writeln!(stdin, "alpha").unwrap();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "#1 alpha\n");
+    run(&["snapshot", sock.to_str().unwrap(), "-o", s1.to_str().unwrap()]).assert_code(0);
+    writeln!(stdin, "beta").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "#2 beta\n", "the actor keeps running after a snapshot");
+    drop(stdin);
+    run(&["snapshot", sock.to_str().unwrap(), "-o", s2.to_str().unwrap(), "--stop"]).assert_code(0);
+    assert!(child.wait().unwrap().success());
+    assert!(!sock.exists(), "the socket file is removed on exit");
+    assert_eq!(run(&["restore", s1.to_str().unwrap(), "-p", "beta"]).stdout, "#2 beta\n");
+    assert_eq!(run(&["restore", s2.to_str().unwrap(), "-p", "gamma"]).stdout, "#3 gamma\n");
+    let r = run(&["snapshot", sock.to_str().unwrap(), "-o", s1.to_str().unwrap()]);
+    r.assert_code(2);
+    assert!(r.stderr.contains("cannot connect"), "{}", r.stderr);
+}
