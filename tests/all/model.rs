@@ -164,3 +164,29 @@ fn context_full_is_an_error_not_a_panic() {
     let err = s.eval(&[60000]).unwrap_err().to_string();
     assert!(err.contains("token id 60000 is outside the vocabulary of 49152"), "{err}");
 }
+
+/// Regression: a lock held across a parallel product deadlocked when two sessions on one
+/// backend ran on two threads (a pool thread waiting in one pass picked up the other's).
+#[test]
+fn two_sessions_sharing_a_model_on_two_threads_do_not_deadlock() {
+    let Some((model, tok)) = default_model() else { return };
+    let prompt = tok.encode("Two conversations at once, on one model and one thread pool.", false).unwrap();
+    let results: Vec<Vec<f32>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                let (model, tok, prompt) = (model.clone(), tok.clone(), prompt.clone());
+                scope.spawn(move || {
+                    let mut s = Session::new(model, tok, 256, SamplerConfig::default()).unwrap();
+                    s.eval(&prompt).unwrap();
+                    for _ in 0..8 {
+                        let t = argmax(s.logits());
+                        s.eval(&[t]).unwrap();
+                    }
+                    s.logits().to_vec()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(results.windows(2).all(|w| w[0] == w[1]), "concurrent sessions computed different logits");
+}

@@ -18,8 +18,11 @@ use quant::QuantizedActivations;
 /// The CPU as a compute device.
 pub struct CpuBackend {
     info: DeviceInfo,
-    /// Activations quantized for the current product (reused: no allocation per token).
-    xq: Mutex<QuantizedActivations>,
+    /// Spare quantized-activation buffers (reused: no allocation per token). A product takes
+    /// one out and puts it back; the lock is never held across parallel work, because a pool
+    /// thread waiting inside a parallel op may pick up another session's forward pass, and a
+    /// lock held across that would deadlock.
+    xq: Mutex<Vec<QuantizedActivations>>,
     /// Compute threads. Work is dispatched from inside the pool (see [`Backend::install`]):
     /// a parallel call from a foreign thread costs ~12 µs, from inside ~0.1 µs.
     pool: rayon::ThreadPool,
@@ -42,7 +45,7 @@ impl CpuBackend {
                 can_use_host_pointer: true,
                 parallelism: threads,
             },
-            xq: Mutex::new(QuantizedActivations::new()),
+            xq: Mutex::new(Vec::new()),
             pool,
         }
     }
@@ -161,33 +164,11 @@ impl Backend for CpuBackend {
         let Some(first) = ws.first() else { return Ok(()) };
         let cols = first.cols;
         check_len("matmul", "input", x.len(), n_tokens * cols)?;
-        let mut xq = self.xq.lock().unwrap_or_else(|e| e.into_inner());
+        let mut xq = self.xq.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
         xq.quantize_batch(first.dtype, &x[..n_tokens * cols], n_tokens, cols);
-        if n_tokens == 1 {
-            fn make<'a>(w: &'a Linear, out: &'a mut Buffer) -> Result<quant::MatvecJob<'a>, BackendError> {
-                let y = cpu_mut(out, "matmul")?;
-                check_len("matmul", &w.name, y.len(), w.rows)?;
-                Ok(quant::MatvecJob { dtype: w.dtype, w: weight_bytes(w, "matmul")?, rows: w.rows, y: &mut y[..w.rows] })
-            }
-            // Fixed-size job lists: no allocation per token.
-            match (ws, outs) {
-                ([a], [ya]) => quant::matvec_many(&mut [make(a, ya)?], cols, &xq),
-                ([a, b], [ya, yb]) => quant::matvec_many(&mut [make(a, ya)?, make(b, yb)?], cols, &xq),
-                ([a, b, c], [ya, yb, yc]) => quant::matvec_many(&mut [make(a, ya)?, make(b, yb)?, make(c, yc)?], cols, &xq),
-                (ws, outs) => {
-                    for (w, out) in ws.iter().zip(outs.iter_mut()) {
-                        quant::matvec_many(&mut [make(w, out)?], cols, &xq);
-                    }
-                }
-            }
-        } else {
-            for (w, out) in ws.iter().zip(outs.iter_mut()) {
-                let y = cpu_mut(out, "matmul")?;
-                check_len("matmul", &w.name, y.len(), w.rows * n_tokens)?;
-                quant::matmul(w.dtype, weight_bytes(w, "matmul")?, w.rows, cols, &xq, n_tokens, &mut y[..w.rows * n_tokens]);
-            }
-        }
-        Ok(())
+        let result = self.products(ws, outs, n_tokens, cols, &xq);
+        self.xq.lock().unwrap_or_else(|e| e.into_inner()).push(xq);
+        result
     }
 
     fn rope(&self, x: &mut Buffer, rope: &Rope, n_tokens: usize, n_heads: usize, pos0: usize) -> Result<(), BackendError> {
@@ -251,6 +232,37 @@ impl Backend for CpuBackend {
         }
         kc[..n].copy_from_slice(&k[..n]);
         vc[..n].copy_from_slice(&v[..n]);
+        Ok(())
+    }
+}
+
+
+impl CpuBackend {
+    fn products(&self, ws: &[&Linear], outs: &mut [&mut Buffer], n_tokens: usize, cols: usize, xq: &QuantizedActivations) -> Result<(), BackendError> {
+        if n_tokens == 1 {
+            fn make<'a>(w: &'a Linear, out: &'a mut Buffer) -> Result<quant::MatvecJob<'a>, BackendError> {
+                let y = cpu_mut(out, "matmul")?;
+                check_len("matmul", &w.name, y.len(), w.rows)?;
+                Ok(quant::MatvecJob { dtype: w.dtype, w: weight_bytes(w, "matmul")?, rows: w.rows, y: &mut y[..w.rows] })
+            }
+            // Fixed-size job lists: no allocation per token.
+            match (ws, outs) {
+                ([a], [ya]) => quant::matvec_many(&mut [make(a, ya)?], cols, xq),
+                ([a, b], [ya, yb]) => quant::matvec_many(&mut [make(a, ya)?, make(b, yb)?], cols, xq),
+                ([a, b, c], [ya, yb, yc]) => quant::matvec_many(&mut [make(a, ya)?, make(b, yb)?, make(c, yc)?], cols, xq),
+                (ws, outs) => {
+                    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                        quant::matvec_many(&mut [make(w, out)?], cols, xq);
+                    }
+                }
+            }
+        } else {
+            for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                let y = cpu_mut(out, "matmul")?;
+                check_len("matmul", &w.name, y.len(), w.rows * n_tokens)?;
+                quant::matmul(w.dtype, weight_bytes(w, "matmul")?, w.rows, cols, xq, n_tokens, &mut y[..w.rows * n_tokens]);
+            }
+        }
         Ok(())
     }
 }

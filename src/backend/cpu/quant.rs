@@ -1641,24 +1641,24 @@ mod x86 {
                     }
                 });
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
-                let mut accm = [[_mm_setzero_ps(); T]; R];
-                let np = nb / 2;
-                for p in 0..np {
+                let mut accm = [_mm512_setzero_ps(); R];
+                for p in 0..nb / 2 {
                     // SAFETY: pair p lies within the rows and tokens (caller).
                     unsafe { q4_step::<Q41, T, R>(w0, rb, p, &qp, &dp, &mut acc, &mut accm) };
                 }
                 for k in 0..R {
                     let row = &w[(r + k) * rb..(r + k + 1) * rb];
+                    let mut m = [0f32; 16];
+                    // SAFETY: `m` holds 16 floats.
+                    unsafe { _mm512_storeu_ps(m.as_mut_ptr(), accm[k]) };
                     let mut out = [0f32; T];
                     for t in 0..T {
-                        let m = _mm_movehdup_ps(accm[k][t]);
-                        let m = _mm_add_ss(m, _mm_movehl_ps(m, m));
                         let v = acc[k][t];
                         let v =
                             _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
                         let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
                         let v = _mm_add_ss(v, _mm_movehdup_ps(v));
-                        out[t] = _mm_cvtss_f32(v) + _mm_cvtss_f32(m);
+                        out[t] = _mm_cvtss_f32(v) + (m[4 * t + 1] + m[4 * t + 3]);
                     }
                     if nb % 2 == 1 {
                         tail_block::<T>(dtype, row, nb, acts, &mut out);
@@ -1674,9 +1674,15 @@ mod x86 {
         /// One block pair `p` of `R` rows against `T` tokens. Works on 256-bit vectors (on Zen 4
         /// they run at full rate, 512-bit ones at half): the low nibbles of both blocks meet
         /// [lo(b0), lo(b1)] of the pair-ordered activations and the high nibbles [hi(b0), hi(b1)],
-        /// so lanes 0..4 hold block 0 and lanes 4..8 block 1. With one token, the m·s terms go to
-        /// `accm` (lanes 1 and 3) off the FMA chain; with several, they are added into `acc` to
-        /// save registers for the tile.
+        /// so lanes 0..4 hold block 0 and lanes 4..8 block 1.
+        ///
+        /// Every (row, token) gets the same float operations whatever `T` and `R` are, so a
+        /// prefill tile gives bit for bit what one-token decode gives: the integer dots go
+        /// through one FMA by `d·dy`, and the m·s terms add up in `accm` (token `t` in lanes
+        /// 4t..4t+4, [d0·dy0, m0·s0, d1·dy1, m1·s1], one 512-bit multiply and add for all
+        /// tokens). The model quantizes every matmul output again, and its activations reach
+        /// |x| ~ 3000 (Q8 steps of ~20), so a last-bit difference that moves a value across a
+        /// rounding boundary changes logits by tenths: prefill and decode must agree exactly.
         ///
         /// # Safety
         /// Pair `p` of rows `w0 .. w0 + R * rb` and of every token's pair-ordered quants (`qp`)
@@ -1691,7 +1697,7 @@ mod x86 {
             qp: &[*const i8; T],
             dp: &[*const f32; T],
             acc: &mut [[__m256; T]; R],
-            accm: &mut [[__m128; T]; R],
+            accm: &mut [__m512; R],
         ) {
             let (bb, off) = if Q41 { (20, 4) } else { (18, 2) };
             // Broadcast element 0 to lanes 0..4 and element 2 to lanes 4..8.
@@ -1699,17 +1705,19 @@ mod x86 {
             let m0f = _mm256_set1_epi8(0x0F);
             let mut yl = [_mm256_setzero_si256(); T];
             let mut yh = [_mm256_setzero_si256(); T];
-            let mut dsv = [_mm_setzero_ps(); T];
-            let mut dy8 = [_mm256_setzero_ps(); T];
+            // Token t's [dy0, s0, dy1, s1] in lanes 4t..4t+4 (one token: the low 128 bits).
+            let mut ds = _mm512_setzero_ps();
             for t in 0..T {
                 // SAFETY: block pair p of token t lies within its quants/scales (caller).
                 unsafe {
                     yl[t] = _mm256_loadu_si256(qp[t].add(64 * p) as *const __m256i);
                     yh[t] = _mm256_loadu_si256(qp[t].add(64 * p + 32) as *const __m256i);
-                    dsv[t] = _mm_loadu_ps(dp[t].add(4 * p));
-                }
-                if T > 1 {
-                    dy8[t] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dsv[t]), bcast);
+                    let d = _mm_loadu_ps(dp[t].add(4 * p));
+                    ds = if T == 1 {
+                        _mm512_castps128_ps512(d)
+                    } else {
+                        _mm512_mask_broadcast_f32x4(ds, 0xF << (4 * t), d)
+                    };
                 }
             }
             for k in 0..R {
@@ -1734,29 +1742,34 @@ mod x86 {
                 };
                 let zl = _mm256_and_si256(q, m0f);
                 let zh = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m0f);
-                // [d0, m0, d1, m1]
+                // [d0, m0, d1, m1] for every token: products [d0·dy0, m0·s0, d1·dy1, m1·s1].
                 let dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, d1, d0));
-                let dw8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), bcast);
+                // The same products lane for lane whatever T is (one token in 128 bits).
+                let prod = if T == 1 {
+                    let prod = _mm_mul_ps(dm, _mm512_castps512_ps128(ds));
+                    accm[k] =
+                        _mm512_castps128_ps512(_mm_add_ps(_mm512_castps512_ps128(accm[k]), prod));
+                    _mm512_castps128_ps512(prod)
+                } else {
+                    let prod = _mm512_mul_ps(_mm512_broadcast_f32x4(dm), ds);
+                    accm[k] = _mm512_add_ps(accm[k], prod);
+                    prod
+                };
                 for t in 0..T {
                     let dot = _mm256_dpbusd_epi32(
                         _mm256_dpbusd_epi32(_mm256_setzero_si256(), zl, yl[t]),
                         zh,
                         yh[t],
                     );
-                    // [d0·dy0, m0·s0, d1·dy1, m1·s1]
-                    let prod = _mm_mul_ps(dm, dsv[t]);
-                    if T == 1 {
-                        let scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(prod), bcast);
-                        acc[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[k][t]);
-                        accm[k][t] = _mm_add_ps(accm[k][t], prod);
+                    // d0·dy0 in lanes 0..4, d1·dy1 in lanes 4..8.
+                    let scale = if T == 1 {
+                        _mm256_permutevar8x32_ps(_mm512_castps512_ps256(prod), bcast)
                     } else {
-                        let a = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(dot),
-                            _mm256_mul_ps(dw8, dy8[t]),
-                            acc[k][t],
-                        );
-                        acc[k][t] = _mm256_mask_add_ps(a, 0b1010, a, _mm256_zextps128_ps256(prod));
-                    }
+                        let (b0, b1) = (4 * t as i32, 4 * t as i32 + 2);
+                        let idx = [b0, b0, b0, b0, b1, b1, b1, b1, 0, 0, 0, 0, 0, 0, 0, 0];
+                        _mm512_castps512_ps256(_mm512_permutexvar_ps(idx_vec(idx), prod))
+                    };
+                    acc[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[k][t]);
                 }
             }
         }
@@ -2654,30 +2667,37 @@ mod tests {
         }
     }
 
-    /// Activations like SmolLM2's residual stream: most values around 1, a few dimensions
-    /// (the same ones in every token) near ±180, so one block's scale is ~100× the others'.
+    /// Activations like SmolLM2's: most values around 1, a few dimensions (the same in every
+    /// token) near ±180 as in the residual stream, and in odd tokens some near ±3000 as in the
+    /// input of ffn_down, so one block's scale is 100 to 3000 times the others'.
     fn outlier_activations(rng: &mut Rng, n_tokens: usize, cols: usize) -> Vec<f32> {
         let mut x = rng.vec(n_tokens * cols, 1.0);
         for (t, xt) in x.chunks_exact_mut(cols).enumerate() {
-            for (k, &i) in [3usize, 17, 40, 129, 300].iter().enumerate() {
+            let big = if t % 2 == 1 { 2900.0 } else { 150.0 };
+            for (k, &i) in [3usize, 17, 40, 129, 300, 1100].iter().enumerate() {
                 if i < cols {
                     let sign = if (k + t) % 2 == 0 { 1.0 } else { -1.0 };
-                    xt[i] = sign * (150.0 + 7.0 * k as f32 + t as f32);
+                    xt[i] = sign * (big + 7.0 * k as f32 + t as f32);
                 }
             }
         }
         x
     }
 
-    /// Regression: the AVX-512 Q4 kernels gave logits off by up to 0.7 on SmolLM2, whose
-    /// activations carry massive outliers; random activations of one scale never showed it.
-    /// Every level, one token (matvec) and tiles of 1..4 tokens (matmul), odd and even block
-    /// counts, and row counts leaving every remainder of the four-row tiles.
+    /// Regression: with `DRIFTWOOD_CPU_ISA=avx512`, SmolLM2's logits after a batched prefill
+    /// differed by up to 0.84 from token-by-token evaluation. The AVX-512 Q4 kernel added the
+    /// Q4_1 m·s terms in a different order for one token than for a tile of tokens; each result
+    /// stayed within f32 rounding of the scalar reference, but the model quantizes every output
+    /// again with Q8 steps of up to ~20 (activations near 3000), so last-bit differences flip
+    /// quants and grow into visible logit changes. So: every level within rounding of the
+    /// scalar reference, and a prefill tile of 1..4 tokens (matmul) bit for bit equal to
+    /// one-token decode (matvec), over odd and even block counts and row counts leaving every
+    /// remainder of the four-row tiles.
     #[test]
     fn avx512_q4_matches_scalar_on_outlier_activations() {
         let mut rng = Rng(41);
         for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
-            for cols in [576, 1536, 96, 32] {
+            for cols in [1536, 576, 96, 32] {
                 for rows in [8, 5, 6, 7, 1] {
                     let w = random_weights(&mut rng, dtype, rows, cols);
                     let rb = dtype.row_bytes(cols).unwrap();
@@ -2697,15 +2717,19 @@ mod tests {
                                     let row = &w[r * rb..(r + 1) * rb];
                                     let want = dot_scalar(dtype, row, xq.token(t));
                                     let tol = dot_tolerance(dtype, row, &xq, t);
-                                    for (what, got) in
-                                        [("matmul", ym[t * rows + r]), ("matvec", yv[r])]
-                                    {
-                                        assert!(
-                                            f64::from((got - want).abs()) <= tol,
-                                            "{dtype} {rows}x{cols} {isa:?} {what} token {t} of \
-                                             {n_tokens} row {r}: {got} vs scalar {want} (tol {tol})"
-                                        );
-                                    }
+                                    let (m, v) = (ym[t * rows + r], yv[r]);
+                                    let at = format!(
+                                        "{dtype} {rows}x{cols} {isa:?} token {t} of {n_tokens} row {r}"
+                                    );
+                                    assert!(
+                                        f64::from((v - want).abs()) <= tol,
+                                        "{at}: matvec {v} vs scalar {want} (tol {tol})"
+                                    );
+                                    assert_eq!(
+                                        m.to_bits(),
+                                        v.to_bits(),
+                                        "{at}: matmul {m} vs matvec {v} (scalar {want})"
+                                    );
                                 }
                             }
                         }
