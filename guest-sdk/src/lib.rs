@@ -242,7 +242,8 @@ pub mod model {
             };
             // Hold back a trailing replacement character: the rest of it is in the next token.
             let complete = all.strip_suffix('\u{FFFD}').unwrap_or(&all);
-            let text = if complete.len() > self.emitted && complete.is_char_boundary(self.emitted) { complete[self.emitted..].to_owned() } else { String::new() };
+            let text =
+                if complete.len() > self.emitted && complete.is_char_boundary(self.emitted) { complete[self.emitted..].to_owned() } else { String::new() };
             self.emitted += text.len();
             Some(Ok(Piece { token, text }))
         }

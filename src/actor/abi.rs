@@ -45,10 +45,11 @@ pub fn guest_range(memory: usize, ptr: u32, len: u64, align: usize, func: &'stat
 
 /// Byte size of `rows × cols` elements of `elem` bytes, or an overflow error.
 pub fn array_bytes(rows: u32, cols: u32, elem: u64, func: &'static str, arg: &'static str) -> Result<u64, AbiError> {
-    u64::from(rows)
-        .checked_mul(u64::from(cols))
-        .and_then(|n| n.checked_mul(elem))
-        .ok_or_else(|| AbiError::Overflow { func, arg, what: format!("{rows} × {cols} × {elem} bytes") })
+    u64::from(rows).checked_mul(u64::from(cols)).and_then(|n| n.checked_mul(elem)).ok_or_else(|| AbiError::Overflow {
+        func,
+        arg,
+        what: format!("{rows} × {cols} × {elem} bytes"),
+    })
 }
 
 fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
@@ -61,10 +62,7 @@ pub fn memory(caller: &mut Caller<'_, ActorState>, func: &'static str) -> Result
     if let Some(mem) = caller.data().memory {
         return Ok(mem);
     }
-    caller
-        .get_export(driftwood_guest::abi::exports::MEMORY)
-        .and_then(|e| e.into_memory())
-        .ok_or(AbiError::NoMemory { func })
+    caller.get_export(driftwood_guest::abi::exports::MEMORY).and_then(|e| e.into_memory()).ok_or(AbiError::NoMemory { func })
 }
 
 /// Reads a UTF-8 string argument out of guest memory.
@@ -96,49 +94,45 @@ pub fn add_to_linker(linker: &mut Linker<ActorState>) -> wasmtime::Result<()> {
         Ok(())
     })?;
 
-    linker.func_wrap(
-        MODULE,
-        imports::GEMM,
-        |mut caller: Caller<'_, ActorState>, a: i32, b: i32, c: i32, m: i32, n: i32, k: i32| -> wasmtime::Result<i32> {
-            const F: &str = imports::GEMM;
-            let (m, n, k) = (m as u32, n as u32, k as u32);
-            if m == 0 || n == 0 || k == 0 {
-                return Ok(status::INVALID_ARGUMENT);
+    linker.func_wrap(MODULE, imports::GEMM, |mut caller: Caller<'_, ActorState>, a: i32, b: i32, c: i32, m: i32, n: i32, k: i32| -> wasmtime::Result<i32> {
+        const F: &str = imports::GEMM;
+        let (m, n, k) = (m as u32, n as u32, k as u32);
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(status::INVALID_ARGUMENT);
+        }
+        let mem = memory(&mut caller, F)?;
+        let size = mem.data_size(&caller);
+        let ra = guest_range(size, a as u32, array_bytes(m, k, 4, F, "a")?, 4, F, "a")?;
+        let rb = guest_range(size, b as u32, array_bytes(k, n, 4, F, "b")?, 4, F, "b")?;
+        let rc = guest_range(size, c as u32, array_bytes(m, n, 4, F, "c")?, 4, F, "c")?;
+        if overlaps(&rc, &ra) {
+            return Err(AbiError::Overlap { func: F, out: "c", input: "a" }.into());
+        }
+        if overlaps(&rc, &rb) {
+            return Err(AbiError::Overlap { func: F, out: "c", input: "b" }.into());
+        }
+        let base = mem.data_ptr(&caller);
+        let backend = caller.data().backend.clone();
+        // SAFETY: the three ranges are inside this actor's memory (checked above), 4-byte
+        // aligned, `c` overlaps neither input, and no guest code runs during the call.
+        let result = unsafe {
+            backend.gemm_shared(
+                base.add(ra.start) as *const f32,
+                base.add(rb.start) as *const f32,
+                base.add(rc.start) as *mut f32,
+                m as usize,
+                n as usize,
+                k as usize,
+            )
+        };
+        Ok(match result {
+            Ok(()) => status::OK,
+            Err(e) => {
+                eprintln!("[{}] gemm: {e}", caller.data().name);
+                status::BACKEND_ERROR
             }
-            let mem = memory(&mut caller, F)?;
-            let size = mem.data_size(&caller);
-            let ra = guest_range(size, a as u32, array_bytes(m, k, 4, F, "a")?, 4, F, "a")?;
-            let rb = guest_range(size, b as u32, array_bytes(k, n, 4, F, "b")?, 4, F, "b")?;
-            let rc = guest_range(size, c as u32, array_bytes(m, n, 4, F, "c")?, 4, F, "c")?;
-            if overlaps(&rc, &ra) {
-                return Err(AbiError::Overlap { func: F, out: "c", input: "a" }.into());
-            }
-            if overlaps(&rc, &rb) {
-                return Err(AbiError::Overlap { func: F, out: "c", input: "b" }.into());
-            }
-            let base = mem.data_ptr(&caller);
-            let backend = caller.data().backend.clone();
-            // SAFETY: the three ranges are inside this actor's memory (checked above), 4-byte
-            // aligned, `c` overlaps neither input, and no guest code runs during the call.
-            let result = unsafe {
-                backend.gemm_shared(
-                    base.add(ra.start) as *const f32,
-                    base.add(rb.start) as *const f32,
-                    base.add(rc.start) as *mut f32,
-                    m as usize,
-                    n as usize,
-                    k as usize,
-                )
-            };
-            Ok(match result {
-                Ok(()) => status::OK,
-                Err(e) => {
-                    eprintln!("[{}] gemm: {e}", caller.data().name);
-                    status::BACKEND_ERROR
-                }
-            })
-        },
-    )?;
+        })
+    })?;
     Ok(())
 }
 

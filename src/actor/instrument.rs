@@ -14,9 +14,7 @@
 use std::ops::Range;
 
 use wasm_encoder::{Encode, ExportKind, RawSection};
-use wasmparser::{
-    Encoding, ExternalKind, Parser, Payload, TypeRef, ValType, Validator, WasmFeatures,
-};
+use wasmparser::{Encoding, ExternalKind, Parser, Payload, TypeRef, ValType, Validator, WasmFeatures};
 
 /// Prefix of the export names given to mutable globals that had none.
 pub const GLOBAL_EXPORT_PREFIX: &str = "__driftwood_global_";
@@ -73,19 +71,10 @@ struct Survey {
 }
 
 fn survey(wasm: &[u8]) -> Result<Survey, InstrumentError> {
-    let mut s = Survey {
-        imported_globals: 0,
-        defined_globals: Vec::new(),
-        exports: Vec::new(),
-        export_section: None,
-        first_export_at: 0,
-    };
+    let mut s = Survey { imported_globals: 0, defined_globals: Vec::new(), exports: Vec::new(), export_section: None, first_export_at: 0 };
     for payload in Parser::new(0).parse_all(wasm) {
         match payload? {
-            Payload::Version {
-                encoding: Encoding::Component,
-                ..
-            } => return Err(InstrumentError::Component),
+            Payload::Version { encoding: Encoding::Component, .. } => return Err(InstrumentError::Component),
             Payload::ImportSection(reader) => {
                 for import in reader.into_imports() {
                     if let TypeRef::Global(_) = import?.ty {
@@ -106,8 +95,7 @@ fn survey(wasm: &[u8]) -> Result<Survey, InstrumentError> {
                     if i == 0 {
                         s.first_export_at = offset as usize;
                     }
-                    s.exports
-                        .push((export.name.to_string(), export.kind, export.index));
+                    s.exports.push((export.name.to_string(), export.kind, export.index));
                 }
                 s.first_export_at -= range.start;
                 s.export_section = Some(range);
@@ -144,17 +132,9 @@ pub fn instrument(wasm: &[u8]) -> Result<(Vec<u8>, Vec<GlobalSlot>), InstrumentE
             ValType::I64 => GlobalKind::I64,
             ValType::F32 => GlobalKind::F32,
             ValType::F64 => GlobalKind::F64,
-            other => {
-                return Err(InstrumentError::UnsupportedGlobal {
-                    index,
-                    ty: other.to_string(),
-                })
-            }
+            other => return Err(InstrumentError::UnsupportedGlobal { index, ty: other.to_string() }),
         };
-        let existing = s
-            .exports
-            .iter()
-            .find(|(_, k, idx)| *k == ExternalKind::Global && *idx == index);
+        let existing = s.exports.iter().find(|(_, k, idx)| *k == ExternalKind::Global && *idx == index);
         let export = match existing {
             Some((name, ..)) => name.clone(),
             None => {
@@ -166,11 +146,7 @@ pub fn instrument(wasm: &[u8]) -> Result<(Vec<u8>, Vec<GlobalSlot>), InstrumentE
                 name
             }
         };
-        slots.push(GlobalSlot {
-            index,
-            export,
-            ty: kind,
-        });
+        slots.push(GlobalSlot { index, export, ty: kind });
     }
     if added.is_empty() {
         return Ok((wasm.to_vec(), slots));
@@ -180,9 +156,7 @@ pub fn instrument(wasm: &[u8]) -> Result<(Vec<u8>, Vec<GlobalSlot>), InstrumentE
     let mut exports = Vec::new();
     let total = s.exports.len() + added.len();
     // Validation caps exports far below u32::MAX; saturate rather than wrap if that ever changes.
-    u32::try_from(total)
-        .unwrap_or(u32::MAX)
-        .encode(&mut exports);
+    u32::try_from(total).unwrap_or(u32::MAX).encode(&mut exports);
     if let Some(range) = &s.export_section {
         exports.extend_from_slice(&wasm[range.start + s.first_export_at..range.end]);
     }
@@ -191,10 +165,7 @@ pub fn instrument(wasm: &[u8]) -> Result<(Vec<u8>, Vec<GlobalSlot>), InstrumentE
         ExportKind::Global.encode(&mut exports);
         index.encode(&mut exports);
     }
-    let export_section = RawSection {
-        id: EXPORT_SECTION,
-        data: &exports,
-    };
+    let export_section = RawSection { id: EXPORT_SECTION, data: &exports };
 
     let mut module = wasm_encoder::Module::new();
     let mut emitted = false;
@@ -211,10 +182,7 @@ pub fn instrument(wasm: &[u8]) -> Result<(Vec<u8>, Vec<GlobalSlot>), InstrumentE
                 continue;
             }
         }
-        module.section(&RawSection {
-            id,
-            data: &wasm[to_usize(range)],
-        });
+        module.section(&RawSection { id, data: &wasm[to_usize(range)] });
     }
     if !emitted {
         module.section(&export_section);
@@ -229,22 +197,12 @@ mod tests {
     use wasmtime::{Engine, Instance, Module, Store, Val};
 
     fn gty(val_type: we::ValType, mutable: bool) -> we::GlobalType {
-        we::GlobalType {
-            val_type,
-            mutable,
-            shared: false,
-        }
+        we::GlobalType { val_type, mutable, shared: false }
     }
 
     fn memory(m: &mut we::Module) {
         let mut mem = we::MemorySection::new();
-        mem.memory(we::MemoryType {
-            minimum: 1,
-            maximum: None,
-            memory64: false,
-            shared: false,
-            page_size_log2: None,
-        });
+        mem.memory(we::MemoryType { minimum: 1, maximum: None, memory64: false, shared: false, page_size_log2: None });
         m.section(&mem);
     }
 
@@ -317,10 +275,7 @@ mod tests {
         let mut ex = we::ExportSection::new();
         ex.export("counter", we::ExportKind::Global, 6);
         ex.export("memory", we::ExportKind::Memory, 0);
-        for (i, name) in ["get_a", "get_b", "get_c", "get_d", "get_e", "bump"]
-            .iter()
-            .enumerate()
-        {
+        for (i, name) in ["get_a", "get_b", "get_c", "get_d", "get_e", "bump"].iter().enumerate() {
             ex.export(name, we::ExportKind::Func, i as u32);
         }
         m.section(&ex);
@@ -331,12 +286,7 @@ mod tests {
             code.function(&f);
         }
         let mut bump = we::Function::new([]);
-        bump.instructions()
-            .global_get(1)
-            .i32_const(1)
-            .i32_add()
-            .global_set(1)
-            .end();
+        bump.instructions().global_get(1).i32_const(1).i32_add().global_set(1).end();
         code.function(&bump);
         m.section(&code);
         let mut data = we::DataSection::new();
@@ -351,11 +301,8 @@ mod tests {
         let imports: Vec<wasmtime::Extern> = module
             .imports()
             .map(|_| {
-                let ty =
-                    wasmtime::GlobalType::new(wasmtime::ValType::I32, wasmtime::Mutability::Var);
-                wasmtime::Global::new(&mut store, ty, Val::I32(0))
-                    .expect("host global")
-                    .into()
+                let ty = wasmtime::GlobalType::new(wasmtime::ValType::I32, wasmtime::Mutability::Var);
+                wasmtime::Global::new(&mut store, ty, Val::I32(0)).expect("host global").into()
             })
             .collect();
         let instance = Instance::new(&mut store, &module, &imports).expect("instantiate");
@@ -365,10 +312,7 @@ mod tests {
     #[test]
     fn exports_every_mutable_defined_global_and_they_are_live() {
         let (out, slots) = instrument(&sample_module()).expect("instrument");
-        let summary: Vec<_> = slots
-            .iter()
-            .map(|s| (s.index, s.export.as_str(), s.ty))
-            .collect();
+        let summary: Vec<_> = slots.iter().map(|s| (s.index, s.export.as_str(), s.ty)).collect();
         assert_eq!(
             summary,
             [
@@ -381,17 +325,9 @@ mod tests {
         );
         let engine = Engine::default();
         let (mut store, instance) = instantiate(&engine, &out);
-        let values = [
-            Val::I32(-11),
-            Val::I64(1 << 40),
-            Val::F32(2.5f32.to_bits()),
-            Val::F64((-0.125f64).to_bits()),
-            Val::I32(99),
-        ];
+        let values = [Val::I32(-11), Val::I64(1 << 40), Val::F32(2.5f32.to_bits()), Val::F64((-0.125f64).to_bits()), Val::I32(99)];
         for (slot, v) in slots.iter().zip(&values) {
-            let g = instance
-                .get_global(&mut store, &slot.export)
-                .expect("global is exported");
+            let g = instance.get_global(&mut store, &slot.export).expect("global is exported");
             g.set(&mut store, *v).expect("set global");
         }
         let call = |store: &mut Store<()>, name: &str| -> Val {
@@ -408,17 +344,11 @@ mod tests {
         // The other direction: guest writes are visible through the export.
         let bump = instance.get_func(&mut store, "bump").expect("bump");
         bump.call(&mut store, &[], &mut []).expect("call");
-        let a = instance
-            .get_global(&mut store, "__driftwood_global_1")
-            .expect("a");
+        let a = instance.get_global(&mut store, "__driftwood_global_1").expect("a");
         assert_eq!(a.get(&mut store).unwrap_i32(), -10);
         // The immutable global and the import got no export.
-        assert!(instance
-            .get_global(&mut store, "__driftwood_global_5")
-            .is_none());
-        assert!(instance
-            .get_global(&mut store, "__driftwood_global_0")
-            .is_none());
+        assert!(instance.get_global(&mut store, "__driftwood_global_5").is_none());
+        assert!(instance.get_global(&mut store, "__driftwood_global_0").is_none());
     }
 
     #[test]
@@ -440,13 +370,7 @@ mod tests {
         funcs.function(0);
         m.section(&funcs);
         let mut tables = we::TableSection::new();
-        tables.table(we::TableType {
-            element_type: we::RefType::FUNCREF,
-            table64: false,
-            minimum: 1,
-            maximum: None,
-            shared: false,
-        });
+        tables.table(we::TableType { element_type: we::RefType::FUNCREF, table64: false, minimum: 1, maximum: None, shared: false });
         m.section(&tables);
         memory(&mut m);
         let mut gs = we::GlobalSection::new();
@@ -454,11 +378,7 @@ mod tests {
         m.section(&gs);
         m.section(&we::StartSection { function_index: 0 });
         let mut elems = we::ElementSection::new();
-        elems.active(
-            None,
-            &we::ConstExpr::i32_const(0),
-            we::Elements::Functions([0u32][..].into()),
-        );
+        elems.active(None, &we::ConstExpr::i32_const(0), we::Elements::Functions([0u32][..].into()));
         m.section(&elems);
         let mut code = we::CodeSection::new();
         let mut set = we::Function::new([]);
@@ -470,19 +390,11 @@ mod tests {
         m.section(&data);
 
         let (out, slots) = instrument(&m.finish()).expect("instrument");
-        Validator::new()
-            .validate_all(&out)
-            .expect("output validates");
+        Validator::new().validate_all(&out).expect("output validates");
         let engine = Engine::default();
         let (mut store, instance) = instantiate(&engine, &out);
-        let g = instance
-            .get_global(&mut store, &slots[0].export)
-            .expect("exported");
-        assert_eq!(
-            g.get(&mut store).unwrap_i32(),
-            42,
-            "the start function's write is visible"
-        );
+        let g = instance.get_global(&mut store, &slots[0].export).expect("exported");
+        assert_eq!(g.get(&mut store).unwrap_i32(), 42, "the start function's write is visible");
     }
 
     #[test]
@@ -491,34 +403,17 @@ mod tests {
         let mut gs = we::GlobalSection::new();
         gs.global(gty(we::ValType::I64, true), &we::ConstExpr::i64_const(1));
         m.section(&gs);
-        m.section(&we::CustomSection {
-            name: "note".into(),
-            data: b"keep me"[..].into(),
-        });
+        m.section(&we::CustomSection { name: "note".into(), data: b"keep me"[..].into() });
         let (out, _) = instrument(&m.finish()).expect("instrument");
-        let ids: Vec<u8> = Parser::new(0)
-            .parse_all(&out)
-            .filter_map(|p| p.expect("parses").as_section().map(|(id, _)| id))
-            .collect();
-        assert_eq!(
-            ids,
-            [6, 0, 7],
-            "global, custom, then the added export section"
-        );
-        let found = Parser::new(0).parse_all(&out).any(|p| {
-            matches!(p, Ok(Payload::CustomSection(c)) if c.name() == "note" && c.data() == b"keep me")
-        });
+        let ids: Vec<u8> = Parser::new(0).parse_all(&out).filter_map(|p| p.expect("parses").as_section().map(|(id, _)| id)).collect();
+        assert_eq!(ids, [6, 0, 7], "global, custom, then the added export section");
+        let found = Parser::new(0).parse_all(&out).any(|p| matches!(p, Ok(Payload::CustomSection(c)) if c.name() == "note" && c.data() == b"keep me"));
         assert!(found);
     }
 
     #[test]
     fn module_without_mutable_globals_is_returned_unchanged() {
-        let original = module(
-            &[&[]],
-            &[(we::ValType::I32, false, we::ConstExpr::i32_const(1))],
-            &[("f", we::ExportKind::Func, 0)],
-            &[&|_| {}],
-        );
+        let original = module(&[&[]], &[(we::ValType::I32, false, we::ConstExpr::i32_const(1))], &[("f", we::ExportKind::Func, 0)], &[&|_| {}]);
         let (out, slots) = instrument(&original).expect("instrument");
         assert_eq!(out, original);
         assert!(slots.is_empty());
@@ -526,13 +421,9 @@ mod tests {
 
     #[test]
     fn invalid_module_is_an_error_naming_the_problem() {
-        let msg = instrument(b"\0asm\x01\0\0\0\x99")
-            .expect_err("garbage")
-            .to_string();
+        let msg = instrument(b"\0asm\x01\0\0\0\x99").expect_err("garbage").to_string();
         assert!(msg.starts_with("wasm module is not valid: "), "{msg}");
-        let msg = instrument(b"not wasm at all")
-            .expect_err("garbage")
-            .to_string();
+        let msg = instrument(b"not wasm at all").expect_err("garbage").to_string();
         assert!(msg.contains("magic header"), "{msg}");
         // Well-formed but ill-typed: only validation catches it.
         let bad = module(
@@ -549,53 +440,29 @@ mod tests {
 
     #[test]
     fn mutable_v128_global_is_rejected() {
-        let v128 = |mutable| {
-            module(
-                &[],
-                &[(we::ValType::V128, mutable, we::ConstExpr::v128_const(0))],
-                &[],
-                &[],
-            )
-        };
+        let v128 = |mutable| module(&[], &[(we::ValType::V128, mutable, we::ConstExpr::v128_const(0))], &[], &[]);
         let msg = instrument(&v128(true)).expect_err("v128").to_string();
-        assert_eq!(
-            msg,
-            "wasm module: mutable global 0 has type v128; snapshots carry only i32, i64, f32 and f64 globals"
-        );
+        assert_eq!(msg, "wasm module: mutable global 0 has type v128; snapshots carry only i32, i64, f32 and f64 globals");
         // Immutable ones are not state, so they are fine.
         instrument(&v128(false)).expect("immutable v128");
     }
 
     #[test]
     fn export_name_collision_is_an_error() {
-        let wasm = module(
-            &[&[]],
-            &[(we::ValType::I32, true, we::ConstExpr::i32_const(0))],
-            &[("__driftwood_global_0", we::ExportKind::Func, 0)],
-            &[&|_| {}],
-        );
+        let wasm = module(&[&[]], &[(we::ValType::I32, true, we::ConstExpr::i32_const(0))], &[("__driftwood_global_0", we::ExportKind::Func, 0)], &[&|_| {}]);
         let msg = instrument(&wasm).expect_err("collision").to_string();
-        assert_eq!(
-            msg,
-            "wasm module: export '__driftwood_global_0' already exists and is not mutable global 0"
-        );
+        assert_eq!(msg, "wasm module: export '__driftwood_global_0' already exists and is not mutable global 0");
     }
 
     #[test]
     fn rust_wasip1_actor_exposes_its_stack_pointer() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/target/wasm32-wasip1/release/echo.wasm"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/target/wasm32-wasip1/release/echo.wasm");
         let Ok(original) = std::fs::read(path) else {
             eprintln!("skipping: {path} not built");
             return;
         };
         let (out, slots) = instrument(&original).expect("instrument echo.wasm");
-        assert!(
-            !slots.is_empty(),
-            "a Rust cdylib has at least __stack_pointer"
-        );
+        assert!(!slots.is_empty(), "a Rust cdylib has at least __stack_pointer");
         assert_eq!(slots[0].ty, GlobalKind::I32);
         let engine = Engine::default();
         let exports = |wasm: &[u8]| -> Vec<String> {
@@ -604,11 +471,7 @@ mod tests {
         };
         let (before, after) = (exports(&original), exports(&out));
         for slot in &slots {
-            assert!(
-                after.contains(&slot.export),
-                "{} missing from {after:?}",
-                slot.export
-            );
+            assert!(after.contains(&slot.export), "{} missing from {after:?}", slot.export);
         }
         // Every original export is still there, first and in the same order.
         assert_eq!(&after[..before.len()], &before[..]);

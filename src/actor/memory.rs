@@ -44,9 +44,7 @@ unsafe impl MemoryCreator for RegionMemoryCreator {
         }
         let limit = maximum.unwrap_or(usize::MAX).min(self.limit);
         if minimum > limit {
-            return Err(format!(
-                "the actor needs at least {minimum} bytes of memory, but the limit is {limit} bytes (raise --max-memory)"
-            ));
+            return Err(format!("the actor needs at least {minimum} bytes of memory, but the limit is {limit} bytes (raise --max-memory)"));
         }
         let reservation = match reserved_size_in_bytes {
             Some(reserved) => reserved,

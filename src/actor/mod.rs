@@ -412,7 +412,8 @@ impl Actor {
     pub fn global_values(&mut self) -> Result<Vec<(u32, wasmtime::Val)>, ActorError> {
         let mut out = Vec::with_capacity(self.module.globals.len());
         for slot in &self.module.globals {
-            let g = self.instance.get_global(&mut self.store, &slot.export).ok_or_else(|| self.protocol(format!("global export `{}` is missing", slot.export)))?;
+            let g =
+                self.instance.get_global(&mut self.store, &slot.export).ok_or_else(|| self.protocol(format!("global export `{}` is missing", slot.export)))?;
             out.push((slot.index, g.get(&mut self.store)));
         }
         Ok(out)
@@ -423,15 +424,25 @@ impl Actor {
     pub fn restore_state(&mut self, bytes: &[u8], globals: &[(u32, wasmtime::Val)]) -> Result<(), ActorError> {
         let mut targets = Vec::with_capacity(globals.len());
         for (index, val) in globals {
-            let slot = self.module.globals.iter().find(|s| s.index == *index).ok_or_else(|| self.protocol(format!("the snapshot sets global {index}, which is not a mutable global of this module")))?;
-            let g = self.instance.get_global(&mut self.store, &slot.export).ok_or_else(|| self.protocol(format!("global export `{}` is missing", slot.export)))?;
+            let slot = self
+                .module
+                .globals
+                .iter()
+                .find(|s| s.index == *index)
+                .ok_or_else(|| self.protocol(format!("the snapshot sets global {index}, which is not a mutable global of this module")))?;
+            let g =
+                self.instance.get_global(&mut self.store, &slot.export).ok_or_else(|| self.protocol(format!("global export `{}` is missing", slot.export)))?;
             if !g.ty(&self.store).content().matches(&val.ty(&self.store).map_err(|e| self.protocol(format!("{e:#}")))?) {
                 return Err(self.protocol(format!("global {index} has type {}, the snapshot holds another type", g.ty(&self.store).content())));
             }
             targets.push((g, val.clone()));
         }
         if self.memory_size() > bytes.len() {
-            return Err(self.protocol(format!("the fresh instance already has {} bytes of memory, more than the snapshot's {}", self.memory_size(), bytes.len())));
+            return Err(self.protocol(format!(
+                "the fresh instance already has {} bytes of memory, more than the snapshot's {}",
+                self.memory_size(),
+                bytes.len()
+            )));
         }
         self.grow_to(bytes.len())?;
         self.memory.data_mut(&mut self.store)[..bytes.len()].copy_from_slice(bytes);

@@ -176,7 +176,12 @@ pub fn add_to_linker(linker: &mut Linker<ActorState>) -> wasmtime::Result<()> {
         MODULE,
         imports::SET_SAMPLER,
         |mut caller: Caller<'_, ActorState>, temperature: f32, top_k: i32, top_p: f32, min_p: f32, repeat_penalty: f32, seed: i64| -> i32 {
-            let valid = temperature.is_finite() && temperature >= 0.0 && top_k >= 0 && (0.0..=1.0).contains(&top_p) && (0.0..=1.0).contains(&min_p) && repeat_penalty > 0.0;
+            let valid = temperature.is_finite()
+                && temperature >= 0.0
+                && top_k >= 0
+                && (0.0..=1.0).contains(&top_p)
+                && (0.0..=1.0).contains(&min_p)
+                && repeat_penalty > 0.0;
             let Some(s) = session(&mut caller) else { return status::NO_MODEL };
             if !valid {
                 return status::INVALID_ARGUMENT;

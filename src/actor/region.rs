@@ -97,26 +97,12 @@ impl Region {
         }
         // SAFETY: an anonymous private PROT_NONE mapping at an address the kernel picks; no
         // existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                reserved,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), reserved, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(RegionError::Reserve { bytes: reserved, source: std::io::Error::last_os_error() });
         }
         let region = Region {
-            inner: Arc::new(Inner {
-                mapping: Mapping { base: ptr.cast(), reserved },
-                committed: AtomicUsize::new(0),
-                limit,
-                hooks: Mutex::new(Vec::new()),
-            }),
+            inner: Arc::new(Inner { mapping: Mapping { base: ptr.cast(), reserved }, committed: AtomicUsize::new(0), limit, hooks: Mutex::new(Vec::new()) }),
         };
         region.grow_to(initial)?;
         Ok(region)
@@ -211,11 +197,12 @@ mod tests {
         let base = region.base();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
-        region.add_grow_hook(Box::new(move |_, a, b| {
-            log.lock().unwrap().push((a, b));
-            Ok(())
-        }))
-        .unwrap();
+        region
+            .add_grow_hook(Box::new(move |_, a, b| {
+                log.lock().unwrap().push((a, b));
+                Ok(())
+            }))
+            .unwrap();
         region.grow_to(3 * 65536).unwrap();
         assert_eq!(region.base(), base);
         assert_eq!(region.committed(), 3 * 65536);

@@ -243,10 +243,7 @@ pub struct Rope {
 pub fn open(spec: DeviceSpec, threads: Option<usize>) -> Result<Arc<dyn Backend>, BackendError> {
     match spec {
         DeviceSpec::Cpu | DeviceSpec::Auto => Ok(Arc::new(cpu::CpuBackend::new(threads))),
-        DeviceSpec::Cuda(n) => Err(BackendError::NotAvailable {
-            device: format!("cuda:{n}"),
-            reason: "this build has no CUDA backend yet".into(),
-        }),
+        DeviceSpec::Cuda(n) => Err(BackendError::NotAvailable { device: format!("cuda:{n}"), reason: "this build has no CUDA backend yet".into() }),
     }
 }
 
@@ -255,9 +252,6 @@ pub fn check_gemm_dims(a: usize, b: usize, c: usize, m: usize, n: usize, k: usiz
     let need = |rows: usize, cols: usize| rows.checked_mul(cols);
     match (need(m, k), need(k, n), need(m, n)) {
         (Some(na), Some(nb), Some(nc)) if a >= na && b >= nb && c >= nc && m > 0 && n > 0 && k > 0 => Ok(()),
-        _ => Err(BackendError::InvalidArgument {
-            op: "gemm",
-            reason: format!("operands of {a}, {b}, {c} elements do not fit m={m} n={n} k={k}"),
-        }),
+        _ => Err(BackendError::InvalidArgument { op: "gemm", reason: format!("operands of {a}, {b}, {c} elements do not fit m={m} n={n} k={k}") }),
     }
 }

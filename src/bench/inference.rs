@@ -124,7 +124,12 @@ pub fn run(model: Arc<Model>, tok: Arc<Tokenizer>, load_ms: f64, opts: &Options,
     } else {
         None
     };
-    let weights: usize = model.weights.layers.iter().map(|l| l.wq.nbytes() + l.wk.nbytes() + l.wv.nbytes() + l.wo.nbytes() + l.w_gate.nbytes() + l.w_up.nbytes() + l.w_down.nbytes()).sum::<usize>()
+    let weights: usize = model
+        .weights
+        .layers
+        .iter()
+        .map(|l| l.wq.nbytes() + l.wk.nbytes() + l.wv.nbytes() + l.wo.nbytes() + l.w_gate.nbytes() + l.w_up.nbytes() + l.w_down.nbytes())
+        .sum::<usize>()
         + model.weights.output.nbytes();
     Ok(InferenceReport {
         model: model.identity.name.clone(),
@@ -156,5 +161,11 @@ fn boundary(model: Arc<Model>, tok: Arc<Tokenizer>, ctx: usize, n: usize) -> any
     let wasm = wall.as_secs_f64() * 1e3 / tokens as f64;
     let host = stats.compute.as_secs_f64() * 1e3 / tokens as f64;
     let overhead_us = (wasm - host) * 1e3;
-    Ok(Boundary { tokens, ms_per_token_wasm: wasm, ms_per_token_host: host, overhead_us_per_token: overhead_us, overhead_percent: overhead_us / 1e3 / wasm * 100.0 })
+    Ok(Boundary {
+        tokens,
+        ms_per_token_wasm: wasm,
+        ms_per_token_host: host,
+        overhead_us_per_token: overhead_us,
+        overhead_percent: overhead_us / 1e3 / wasm * 100.0,
+    })
 }

@@ -75,13 +75,10 @@ pub fn run(backend: Arc<dyn Backend>, sizes: &[usize], min_time: Duration) -> an
     actor.grow_to(operand_bytes.max(SHARED_BYTES))?;
 
     let base = actor.region().base();
-    let pointers = PointerIdentity {
-        region_base: base as usize,
-        memory_data_ptr: actor.memory_ptr() as usize,
-        backend_ptr: backend.device_ptr(base)?,
-        identical: false,
-    };
-    let pointers = PointerIdentity { identical: pointers.region_base == pointers.memory_data_ptr && pointers.memory_data_ptr == pointers.backend_ptr, ..pointers };
+    let pointers =
+        PointerIdentity { region_base: base as usize, memory_data_ptr: actor.memory_ptr() as usize, backend_ptr: backend.device_ptr(base)?, identical: false };
+    let pointers =
+        PointerIdentity { identical: pointers.region_base == pointers.memory_data_ptr && pointers.memory_data_ptr == pointers.backend_ptr, ..pointers };
 
     let rss = measure_rss(backend.as_ref())?;
 

@@ -115,8 +115,14 @@ impl InferenceArgs {
         let loaded = args.load(backend, true)?;
         let bar = indicatif::ProgressBar::new_spinner();
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        let opts = driftwood::bench::inference::Options { prefill_sizes: self.prefill.clone(), decode_tokens: self.decode, repeats: self.repeats, boundary: !self.no_boundary };
-        let report = driftwood::bench::inference::run(loaded.model.clone(), loaded.tokenizer.clone(), loaded.load_ms, &opts, |m| bar.set_message(m.to_string()))?;
+        let opts = driftwood::bench::inference::Options {
+            prefill_sizes: self.prefill.clone(),
+            decode_tokens: self.decode,
+            repeats: self.repeats,
+            boundary: !self.no_boundary,
+        };
+        let report =
+            driftwood::bench::inference::run(loaded.model.clone(), loaded.tokenizer.clone(), loaded.load_ms, &opts, |m| bar.set_message(m.to_string()))?;
         bar.finish_and_clear();
         if self.json {
             println!("{}", serde_json::to_string_pretty(&report)?);

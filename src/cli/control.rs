@@ -91,7 +91,8 @@ pub struct SnapshotArgs {
 impl SnapshotArgs {
     pub fn execute(self) -> anyhow::Result<()> {
         let output = if self.output.is_absolute() { self.output.clone() } else { std::env::current_dir()?.join(&self.output) };
-        let mut conn = UnixStream::connect(&self.socket).map_err(|e| anyhow::anyhow!("{}: cannot connect (is `driftwood run --control` running?): {e}", self.socket.display()))?;
+        let mut conn = UnixStream::connect(&self.socket)
+            .map_err(|e| anyhow::anyhow!("{}: cannot connect (is `driftwood run --control` running?): {e}", self.socket.display()))?;
         writeln!(conn, "{}", serde_json::json!({"op": "snapshot", "path": output, "stop": self.stop}))?;
         let mut line = String::new();
         BufReader::new(conn).read_line(&mut line)?;

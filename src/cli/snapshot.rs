@@ -44,7 +44,8 @@ impl RestoreArgs {
                 let mut args = self.model.clone();
                 if explicit.is_none() {
                     let name = mref.as_ref().map(|m| m.name.clone()).unwrap_or_default();
-                    registry::resolve(&name).map_err(|e| anyhow::anyhow!("{}: the snapshot's model '{name}' cannot be found ({e}); pass --model", self.snapshot.display()))?;
+                    registry::resolve(&name)
+                        .map_err(|e| anyhow::anyhow!("{}: the snapshot's model '{name}' cannot be found ({e}); pass --model", self.snapshot.display()))?;
                     args.model = Some(name);
                 }
                 if args.ctx.is_none() {
@@ -85,7 +86,8 @@ impl InspectArgs {
         let (meta, tensors) = format::read_meta(&self.snapshot)?;
         let file_bytes = std::fs::metadata(&self.snapshot)?.len();
         if self.json {
-            let tensors: Vec<serde_json::Value> = tensors.iter().map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype, "shape": t.shape, "bytes": t.bytes})).collect();
+            let tensors: Vec<serde_json::Value> =
+                tensors.iter().map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype, "shape": t.shape, "bytes": t.bytes})).collect();
             let out = serde_json::json!({"file": self.snapshot.display().to_string(), "file_bytes": file_bytes, "meta": meta, "tensors": tensors});
             println!("{}", serde_json::to_string_pretty(&out)?);
             return Ok(());
@@ -99,7 +101,14 @@ impl InspectArgs {
         match &meta.model {
             Some(m) => {
                 println!("  model             {} ({}, weights {}…)", m.name, m.architecture, &m.weights_hash[..16.min(m.weights_hash.len())]);
-                println!("  conversation      {} tokens in the KV cache ({} layers × {} values, f16: {} bytes, {} bytes/token)", meta.kv_len, m.n_layers, m.kv_dim, kv_bytes, if meta.kv_len > 0 { kv_bytes / meta.kv_len as u64 } else { 0 });
+                println!(
+                    "  conversation      {} tokens in the KV cache ({} layers × {} values, f16: {} bytes, {} bytes/token)",
+                    meta.kv_len,
+                    m.n_layers,
+                    m.kv_dim,
+                    kv_bytes,
+                    if meta.kv_len > 0 { kv_bytes / meta.kv_len as u64 } else { 0 }
+                );
             }
             None => println!("  model             none"),
         }

@@ -40,17 +40,7 @@ pub const QK: usize = 32;
 
 impl DType {
     /// Every type, in ggml id order.
-    pub const ALL: [DType; 9] = [
-        DType::F32,
-        DType::F16,
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q8_0,
-        DType::Q4_K,
-        DType::Q5_K,
-        DType::Q6_K,
-        DType::BF16,
-    ];
+    pub const ALL: [DType; 9] = [DType::F32, DType::F16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::BF16];
 
     /// The type with ggml id `id` (`enum ggml_type`), or `None` for ids Driftwood does not handle.
     pub fn from_ggml(id: u32) -> Option<DType> {
@@ -162,11 +152,7 @@ mod tests {
             assert_eq!(DType::parse(&t.name().to_ascii_uppercase()), Some(t), "{t}");
         }
         assert_eq!(DType::from_ggml(4), None, "q4_2 was removed from ggml");
-        assert_eq!(
-            DType::from_ggml(9),
-            None,
-            "q8_1 is never a tensor type here"
-        );
+        assert_eq!(DType::from_ggml(9), None, "q8_1 is never a tensor type here");
         assert_eq!(DType::parse("q4_K_M"), None);
     }
 

@@ -212,34 +212,19 @@ impl TensorInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("gguf: {}: cannot {op}: {err}", path.display())]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        err: std::io::Error,
-    },
+    Io { path: PathBuf, op: &'static str, err: std::io::Error },
     #[error("gguf: {}: not a gguf file (starts with {magic:02x?}, expected \"GGUF\")", path.display())]
     NotGguf { path: PathBuf, magic: Vec<u8> },
     #[error("gguf: {}: {reason}", path.display())]
     Version { path: PathBuf, reason: String },
     #[error("gguf: {}: {what} needs {need} bytes at offset {offset}, file has {left} left", path.display())]
-    Truncated {
-        path: PathBuf,
-        what: String,
-        offset: u64,
-        need: u64,
-        left: u64,
-    },
+    Truncated { path: PathBuf, what: String, offset: u64, need: u64, left: u64 },
     #[error("gguf: {}: {msg}", path.display())]
     Invalid { path: PathBuf, msg: String },
     #[error("gguf: {}: missing metadata key '{key}'", path.display())]
     MissingKey { path: PathBuf, key: String },
     #[error("gguf: {}: metadata key '{key}' is {found}, expected {expected}", path.display())]
-    WrongType {
-        path: PathBuf,
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongType { path: PathBuf, key: String, expected: &'static str, found: String },
 }
 
 /// An open, validated GGUF file. Tensor data stays in the memory map.
@@ -272,20 +257,11 @@ impl<'a> Cursor<'a> {
     }
 
     fn truncated(&self, what: String, need: u64) -> GgufError {
-        GgufError::Truncated {
-            path: self.path.to_path_buf(),
-            what,
-            offset: self.pos as u64,
-            need,
-            left: self.left() as u64,
-        }
+        GgufError::Truncated { path: self.path.to_path_buf(), what, offset: self.pos as u64, need, left: self.left() as u64 }
     }
 
     fn invalid(&self, msg: String) -> GgufError {
-        GgufError::Invalid {
-            path: self.path.to_path_buf(),
-            msg,
-        }
+        GgufError::Invalid { path: self.path.to_path_buf(), msg }
     }
 
     fn take(&mut self, n: u64, what: impl FnOnce() -> String) -> Result<&'a [u8], GgufError> {
@@ -298,10 +274,7 @@ impl<'a> Cursor<'a> {
         Ok(bytes)
     }
 
-    fn array<const N: usize>(
-        &mut self,
-        what: impl FnOnce() -> String,
-    ) -> Result<[u8; N], GgufError> {
+    fn array<const N: usize>(&mut self, what: impl FnOnce() -> String) -> Result<[u8; N], GgufError> {
         let bytes = self.take(N as u64, what)?;
         let mut out = [0u8; N];
         out.copy_from_slice(bytes);
@@ -363,11 +336,7 @@ impl<'a> Cursor<'a> {
                 match self.array::<1>(what)?[0] {
                     0 => MetaValue::Bool(false),
                     1 => MetaValue::Bool(true),
-                    b => {
-                        return Err(self.invalid(format!(
-                            "metadata '{key}' has bool byte {b} at offset {start}, expected 0 or 1"
-                        )))
-                    }
+                    b => return Err(self.invalid(format!("metadata '{key}' has bool byte {b} at offset {start}, expected 0 or 1"))),
                 }
             }
             ty::STRING => MetaValue::String(self.string_lossy(what)?),
@@ -375,25 +344,15 @@ impl<'a> Cursor<'a> {
                 let start = self.pos;
                 let elem = self.u32(|| format!("array type of metadata '{key}'"))?;
                 if elem > ty::F64 {
-                    return Err(self.invalid(format!(
-                        "metadata '{key}' is an array of unknown type {elem} at offset {start}, expected 0..=12"
-                    )));
+                    return Err(self.invalid(format!("metadata '{key}' is an array of unknown type {elem} at offset {start}, expected 0..=12")));
                 }
                 if elem == ty::ARRAY && depth + 1 >= MAX_ARRAY_DEPTH {
-                    return Err(self.invalid(format!(
-                        "metadata '{key}' nests arrays deeper than {MAX_ARRAY_DEPTH} levels"
-                    )));
+                    return Err(self.invalid(format!("metadata '{key}' nests arrays deeper than {MAX_ARRAY_DEPTH} levels")));
                 }
                 let n = self.u64(|| format!("array length of metadata '{key}'"))?;
                 let need = n.saturating_mul(Self::min_size(elem));
                 if need > self.left() as u64 {
-                    return Err(self.truncated(
-                        format!(
-                            "metadata '{key}' ({n} elements of {})",
-                            MetaValue::scalar_type_name(elem)
-                        ),
-                        need,
-                    ));
+                    return Err(self.truncated(format!("metadata '{key}' ({n} elements of {})", MetaValue::scalar_type_name(elem)), need));
                 }
                 // Grow as elements actually parse rather than trusting the count.
                 let mut items = Vec::with_capacity((n as usize).min(PREALLOC_MAX));
@@ -402,11 +361,7 @@ impl<'a> Cursor<'a> {
                 }
                 MetaValue::Array(items)
             }
-            other => {
-                return Err(self.invalid(format!(
-                    "metadata '{key}' has unknown value type {other}, expected 0..=12"
-                )))
-            }
+            other => return Err(self.invalid(format!("metadata '{key}' has unknown value type {other}, expected 0..=12"))),
         })
     }
 }
@@ -448,21 +403,14 @@ fn tensor_nbytes(dtype: DType, dims: &[u64]) -> Result<u64, String> {
         if d > i64::MAX as u64 {
             return Err(format!("dimension {d} exceeds {}", i64::MAX));
         }
-        elems = elems
-            .checked_mul(d)
-            .filter(|&e| e <= i64::MAX as u64)
-            .ok_or_else(|| format!("shape {dims:?} has more than {} elements", i64::MAX))?;
+        elems = elems.checked_mul(d).filter(|&e| e <= i64::MAX as u64).ok_or_else(|| format!("shape {dims:?} has more than {} elements", i64::MAX))?;
     }
     let row = dims.first().copied().unwrap_or(1);
     let block = dtype.block_elems() as u64;
     if !row.is_multiple_of(block) {
-        return Err(format!(
-            "row length {row} is not a multiple of the {dtype} block size {block}"
-        ));
+        return Err(format!("row length {row} is not a multiple of the {dtype} block size {block}"));
     }
-    (elems / block)
-        .checked_mul(dtype.block_bytes() as u64)
-        .ok_or_else(|| format!("shape {dims:?} of {dtype} overflows the byte size"))
+    (elems / block).checked_mul(dtype.block_bytes() as u64).ok_or_else(|| format!("shape {dims:?} of {dtype} overflows the byte size"))
 }
 
 fn align_up(v: u64, align: u64) -> Option<u64> {
@@ -472,13 +420,7 @@ fn align_up(v: u64, align: u64) -> Option<u64> {
 impl GgufFile {
     /// Maps `path` and validates its header, metadata and tensor table.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let io = |op: &'static str| {
-            move |err: std::io::Error| GgufError::Io {
-                path: path.to_path_buf(),
-                op,
-                err,
-            }
-        };
+        let io = |op: &'static str| move |err: std::io::Error| GgufError::Io { path: path.to_path_buf(), op, err };
         let file = File::open(path).map_err(io("open"))?;
         // SAFETY: the mapping is read-only and private to this process; like every mmap-based
         // model loader we rely on the file not being truncated or rewritten while it is open.
@@ -503,28 +445,15 @@ impl GgufFile {
     }
 
     /// The value under `key` converted by `conv`; `Ok(None)` when the key is absent.
-    fn typed<'s, T>(
-        &'s self,
-        key: &str,
-        expected: &'static str,
-        conv: impl FnOnce(&'s MetaValue) -> Option<T>,
-    ) -> Result<Option<T>, GgufError> {
+    fn typed<'s, T>(&'s self, key: &str, expected: &'static str, conv: impl FnOnce(&'s MetaValue) -> Option<T>) -> Result<Option<T>, GgufError> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        conv(v).map(Some).ok_or_else(|| GgufError::WrongType {
-            path: self.path.clone(),
-            key: key.to_string(),
-            expected,
-            found: describe(v),
-        })
+        conv(v).map(Some).ok_or_else(|| GgufError::WrongType { path: self.path.clone(), key: key.to_string(), expected, found: describe(v) })
     }
 
     fn required<T>(&self, key: &str, v: Result<Option<T>, GgufError>) -> Result<T, GgufError> {
-        v?.ok_or_else(|| GgufError::MissingKey {
-            path: self.path.clone(),
-            key: key.to_string(),
-        })
+        v?.ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.to_string() })
     }
 
     /// String value of `key`; `Ok(None)` if absent, an error if present with another type.
@@ -554,23 +483,17 @@ impl GgufFile {
 
     /// Array of strings under `key`.
     pub fn get_str_array_opt(&self, key: &str) -> Result<Option<Vec<&str>>, GgufError> {
-        self.typed(key, "an array of strings", |v| {
-            v.as_array()?.iter().map(MetaValue::as_str).collect()
-        })
+        self.typed(key, "an array of strings", |v| v.as_array()?.iter().map(MetaValue::as_str).collect())
     }
 
     /// Array of integers (each fitting in i32) under `key`.
     pub fn get_i32_array_opt(&self, key: &str) -> Result<Option<Vec<i32>>, GgufError> {
-        self.typed(key, "an array of integers that fit in i32", |v| {
-            v.as_array()?.iter().map(MetaValue::as_i32).collect()
-        })
+        self.typed(key, "an array of integers that fit in i32", |v| v.as_array()?.iter().map(MetaValue::as_i32).collect())
     }
 
     /// Array of numbers under `key`, as f32.
     pub fn get_f32_array_opt(&self, key: &str) -> Result<Option<Vec<f32>>, GgufError> {
-        self.typed(key, "an array of numbers", |v| {
-            v.as_array()?.iter().map(MetaValue::as_f32).collect()
-        })
+        self.typed(key, "an array of numbers", |v| v.as_array()?.iter().map(MetaValue::as_f32).collect())
     }
 
     /// Required string value of `key`.
@@ -621,17 +544,9 @@ impl GgufFile {
     /// The bytes of `t`, straight from the mapping. `t` must come from this file's table (its
     /// extent was validated there); a foreign `TensorInfo` that does not fit gives an empty slice.
     pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
-        let range = usize::try_from(t.offset)
-            .ok()
-            .zip(usize::try_from(t.nbytes).ok())
-            .and_then(|(o, n)| Some(o..o.checked_add(n)?));
+        let range = usize::try_from(t.offset).ok().zip(usize::try_from(t.nbytes).ok()).and_then(|(o, n)| Some(o..o.checked_add(n)?));
         let bytes = range.and_then(|r| self.mmap.get(r));
-        debug_assert!(
-            bytes.is_some(),
-            "tensor '{}' lies outside {}",
-            t.name,
-            self.path.display()
-        );
+        debug_assert!(bytes.is_some(), "tensor '{}' lies outside {}", t.name, self.path.display());
         bytes.unwrap_or(&[])
     }
 
@@ -659,28 +574,15 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, GgufError> {
 
     let magic = c.array::<4>(|| "magic".to_string())?;
     if magic != MAGIC {
-        return Err(GgufError::NotGguf {
-            path: path.to_path_buf(),
-            magic: magic.to_vec(),
-        });
+        return Err(GgufError::NotGguf { path: path.to_path_buf(), magic: magic.to_vec() });
     }
     let version = c.u32(|| "version".to_string())?;
-    let version_error = |reason: String| GgufError::Version {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let version_error = |reason: String| GgufError::Version { path: path.to_path_buf(), reason };
     match version {
         2 | 3 => {}
-        1 => {
-            return Err(version_error(
-                "gguf version 1 is not supported, expected version 2 or 3 (re-convert the model with a current llama.cpp)".to_string(),
-            ))
-        }
+        1 => return Err(version_error("gguf version 1 is not supported, expected version 2 or 3 (re-convert the model with a current llama.cpp)".to_string())),
         v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => {
-            return Err(version_error(format!(
-                "big-endian gguf (version {}) is not supported, expected a little-endian file",
-                v.swap_bytes()
-            )))
+            return Err(version_error(format!("big-endian gguf (version {}) is not supported, expected a little-endian file", v.swap_bytes())))
         }
         v => return Err(version_error(format!("unsupported gguf version {v}, expected 2 or 3"))),
     }
@@ -706,29 +608,19 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, GgufError> {
     let alignment = match meta_index.get("general.alignment").map(|&i| &metadata[i].1) {
         None => DEFAULT_ALIGNMENT,
         Some(MetaValue::U32(a)) if a.is_power_of_two() => u64::from(*a),
-        Some(other) => {
-            return Err(c.invalid(format!(
-                "general.alignment is {}, expected a u32 power of two",
-                describe(other)
-            )))
-        }
+        Some(other) => return Err(c.invalid(format!("general.alignment is {}, expected a u32 power of two", describe(other)))),
     };
 
     // Each tensor entry takes at least 24 bytes (name length, n_dims, type, offset).
     if n_tensors.saturating_mul(24) > c.left() as u64 {
-        return Err(c.truncated(
-            format!("{n_tensors} tensor entries"),
-            n_tensors.saturating_mul(24),
-        ));
+        return Err(c.truncated(format!("{n_tensors} tensor entries"), n_tensors.saturating_mul(24)));
     }
     let mut raw = Vec::with_capacity((n_tensors as usize).min(PREALLOC_MAX));
     for i in 0..n_tensors {
         let name = c.string_strict(|| format!("name of tensor {i}"))?;
         let n_dims = c.u32(|| format!("dimension count of tensor '{name}'"))?;
         if n_dims > MAX_DIMS {
-            return Err(c.invalid(format!(
-                "tensor '{name}' has {n_dims} dimensions, expected at most {MAX_DIMS}"
-            )));
+            return Err(c.invalid(format!("tensor '{name}' has {n_dims} dimensions, expected at most {MAX_DIMS}")));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -740,8 +632,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, GgufError> {
     }
 
     let file_len = buf.len() as u64;
-    let data_offset = align_up(c.pos as u64, alignment)
-        .ok_or_else(|| c.invalid("data section offset overflows".to_string()))?;
+    let data_offset = align_up(c.pos as u64, alignment).ok_or_else(|| c.invalid("data section offset overflows".to_string()))?;
     let mut tensors = Vec::with_capacity(raw.len());
     let mut tensor_index = HashMap::with_capacity(raw.len());
     for (name, dims, type_id, rel) in raw {
@@ -751,12 +642,9 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, GgufError> {
                 ggml_type_name(type_id)
             ))
         })?;
-        let nbytes =
-            tensor_nbytes(dtype, &dims).map_err(|e| c.invalid(format!("tensor '{name}': {e}")))?;
+        let nbytes = tensor_nbytes(dtype, &dims).map_err(|e| c.invalid(format!("tensor '{name}': {e}")))?;
         if !rel.is_multiple_of(alignment) {
-            return Err(c.invalid(format!(
-                "tensor '{name}' data offset {rel} is not a multiple of the alignment {alignment}"
-            )));
+            return Err(c.invalid(format!("tensor '{name}' data offset {rel} is not a multiple of the alignment {alignment}")));
         }
         let offset = data_offset.checked_add(rel).filter(|&o| o <= file_len);
         let left = offset.map_or(0, |o| file_len - o);
@@ -775,24 +663,10 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, GgufError> {
         if tensor_index.insert(name.clone(), tensors.len()).is_some() {
             return Err(c.invalid(format!("tensor '{name}' appears more than once")));
         }
-        tensors.push(TensorInfo {
-            name,
-            dtype,
-            dims,
-            offset,
-            nbytes,
-        });
+        tensors.push(TensorInfo { name, dtype, dims, offset, nbytes });
     }
 
-    Ok(Parsed {
-        version,
-        alignment,
-        data_offset,
-        metadata,
-        tensors,
-        meta_index,
-        tensor_index,
-    })
+    Ok(Parsed { version, alignment, data_offset, metadata, tensors, meta_index, tensor_index })
 }
 
 /// A short description of a value's type for "wrong type" errors.
@@ -852,38 +726,19 @@ impl<'a> GgufWriter<'a> {
 
     /// Queues a tensor. `dims` are in ggml order (`dims[0]` is the row length); `data` holds the
     /// packed rows. Shapes and sizes are checked by [`write`](Self::write).
-    pub fn add_tensor(
-        &mut self,
-        name: impl Into<String>,
-        dtype: DType,
-        dims: &[u64],
-        data: impl Into<Cow<'a, [u8]>>,
-    ) -> &mut Self {
-        self.tensors.push(PendingTensor {
-            name: name.into(),
-            dtype,
-            dims: dims.to_vec(),
-            data: data.into(),
-        });
+    pub fn add_tensor(&mut self, name: impl Into<String>, dtype: DType, dims: &[u64], data: impl Into<Cow<'a, [u8]>>) -> &mut Self {
+        self.tensors.push(PendingTensor { name: name.into(), dtype, dims: dims.to_vec(), data: data.into() });
         self
     }
 
     /// Writes the file to a temporary sibling, syncs it and renames it over `path`, so a failure
     /// never leaves a partial file under the final name.
     pub fn write(&self, path: &Path) -> Result<(), GgufError> {
-        let invalid = |msg: String| GgufError::Invalid {
-            path: path.to_path_buf(),
-            msg,
-        };
+        let invalid = |msg: String| GgufError::Invalid { path: path.to_path_buf(), msg };
         let alignment = match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some((_, MetaValue::U32(a))) if a.is_power_of_two() => u64::from(*a),
-            Some((_, other)) => {
-                return Err(invalid(format!(
-                    "general.alignment is {}, expected a u32 power of two",
-                    describe(other)
-                )))
-            }
+            Some((_, other)) => return Err(invalid(format!("general.alignment is {}, expected a u32 power of two", describe(other)))),
         };
         for (key, value) in &self.metadata {
             check_homogeneous(value).map_err(|e| invalid(format!("metadata '{key}': {e}")))?;
@@ -895,26 +750,14 @@ impl<'a> GgufWriter<'a> {
                 return Err(invalid(format!("tensor '{}' added more than once", t.name)));
             }
             if t.dims.len() > MAX_DIMS as usize {
-                return Err(invalid(format!(
-                    "tensor '{}' has {} dimensions, expected at most {MAX_DIMS}",
-                    t.name,
-                    t.dims.len()
-                )));
+                return Err(invalid(format!("tensor '{}' has {} dimensions, expected at most {MAX_DIMS}", t.name, t.dims.len())));
             }
-            let need = tensor_nbytes(t.dtype, &t.dims)
-                .map_err(|e| invalid(format!("tensor '{}': {e}", t.name)))?;
+            let need = tensor_nbytes(t.dtype, &t.dims).map_err(|e| invalid(format!("tensor '{}': {e}", t.name)))?;
             if need != t.data.len() as u64 {
-                return Err(invalid(format!(
-                    "tensor '{}' has {} bytes, expected {need} for {} {:?}",
-                    t.name,
-                    t.data.len(),
-                    t.dtype,
-                    t.dims
-                )));
+                return Err(invalid(format!("tensor '{}' has {} bytes, expected {need} for {} {:?}", t.name, t.data.len(), t.dtype, t.dims)));
             }
             offsets.push(next);
-            next = align_up(next + need, alignment)
-                .ok_or_else(|| invalid("tensor data exceeds u64".to_string()))?;
+            next = align_up(next + need, alignment).ok_or_else(|| invalid("tensor data exceeds u64".to_string()))?;
         }
 
         let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
@@ -925,10 +768,7 @@ impl<'a> GgufWriter<'a> {
             move |err: std::io::Error| GgufError::Io { path: p, op, err }
         };
         let file = File::create(&tmp).map_err(io("create"))?;
-        let mut w = CountingWriter {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            written: 0,
-        };
+        let mut w = CountingWriter { inner: BufWriter::with_capacity(1 << 20, file), written: 0 };
         let result = (|| -> std::io::Result<()> {
             w.put(&MAGIC)?;
             w.put(&3u32.to_le_bytes())?;
@@ -962,11 +802,7 @@ impl<'a> GgufWriter<'a> {
             let _ = std::fs::remove_file(&tmp);
             return Err(io("write")(err));
         }
-        std::fs::rename(&tmp, path).map_err(|err| GgufError::Io {
-            path: path.to_path_buf(),
-            op: "rename the temporary file onto",
-            err,
-        })
+        std::fs::rename(&tmp, path).map_err(|err| GgufError::Io { path: path.to_path_buf(), op: "rename the temporary file onto", err })
     }
 }
 
@@ -975,11 +811,7 @@ fn check_homogeneous(v: &MetaValue) -> Result<(), String> {
     if let MetaValue::Array(items) = v {
         if let Some(first) = items.first() {
             if let Some(i) = items.iter().position(|x| x.type_id() != first.type_id()) {
-                return Err(format!(
-                    "array element {i} is {}, expected {} like element 0",
-                    items[i].type_name(),
-                    first.type_name()
-                ));
+                return Err(format!("array element {i} is {}, expected {} like element 0", items[i].type_name(), first.type_name()));
             }
         }
         items.iter().try_for_each(check_homogeneous)?;
@@ -1051,21 +883,9 @@ mod tests {
             .add_meta("llama.rope.freq_base", MetaValue::F32(10000.0))
             .add_meta("llama.context_length", MetaValue::U64(8192))
             .add_meta("tokenizer.ggml.add_bos_token", MetaValue::Bool(false))
-            .add_meta(
-                "tokenizer.ggml.tokens",
-                MetaValue::Array(vec![
-                    MetaValue::String("a".into()),
-                    MetaValue::String("ü".into()),
-                ]),
-            )
-            .add_meta(
-                "tokenizer.ggml.token_type",
-                MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(3)]),
-            )
-            .add_meta(
-                "tokenizer.ggml.scores",
-                MetaValue::Array(vec![MetaValue::F32(-1.5), MetaValue::F32(0.0)]),
-            )
+            .add_meta("tokenizer.ggml.tokens", MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("ü".into())]))
+            .add_meta("tokenizer.ggml.token_type", MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(3)]))
+            .add_meta("tokenizer.ggml.scores", MetaValue::Array(vec![MetaValue::F32(-1.5), MetaValue::F32(0.0)]))
             .add_meta("misc.i8", MetaValue::I8(-3))
             .add_meta("misc.i16", MetaValue::I16(-300))
             .add_meta("misc.u16", MetaValue::U16(60000))
@@ -1073,13 +893,7 @@ mod tests {
             .add_meta("misc.f64", MetaValue::F64(0.25))
             .add_meta("misc.u8", MetaValue::U8(7))
             .add_meta("misc.empty", MetaValue::Array(vec![]))
-            .add_meta(
-                "misc.nested",
-                MetaValue::Array(vec![
-                    MetaValue::Array(vec![MetaValue::U8(1)]),
-                    MetaValue::Array(vec![]),
-                ]),
-            );
+            .add_meta("misc.nested", MetaValue::Array(vec![MetaValue::Array(vec![MetaValue::U8(1)]), MetaValue::Array(vec![])]));
         let f32_data: Vec<u8> = (0..64u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
         w.add_tensor("a.weight", DType::F32, &[16, 4], f32_data);
         w.add_tensor("b.weight", DType::Q8_0, &[64, 3], vec![7u8; 6 * 34]);
@@ -1105,18 +919,9 @@ mod tests {
         assert_eq!(f.get_f32("llama.rope.freq_base").unwrap(), 10000.0);
         assert_eq!(f.get_f32("misc.f64").unwrap(), 0.25);
         assert!(!f.get_bool("tokenizer.ggml.add_bos_token").unwrap());
-        assert_eq!(
-            f.get_str_array("tokenizer.ggml.tokens").unwrap(),
-            vec!["a", "ü"]
-        );
-        assert_eq!(
-            f.get_i32_array("tokenizer.ggml.token_type").unwrap(),
-            vec![1, 3]
-        );
-        assert_eq!(
-            f.get_f32_array("tokenizer.ggml.scores").unwrap(),
-            vec![-1.5, 0.0]
-        );
+        assert_eq!(f.get_str_array("tokenizer.ggml.tokens").unwrap(), vec!["a", "ü"]);
+        assert_eq!(f.get_i32_array("tokenizer.ggml.token_type").unwrap(), vec![1, 3]);
+        assert_eq!(f.get_f32_array("tokenizer.ggml.scores").unwrap(), vec![-1.5, 0.0]);
         assert_eq!(f.get_str_array("misc.empty").unwrap(), Vec::<&str>::new());
         assert_eq!(f.get_u32_opt("absent").unwrap(), None);
         assert_eq!(f.tensors.len(), 4);
@@ -1138,21 +943,12 @@ mod tests {
         sample_writer().write(&path).unwrap();
         let f = GgufFile::open(&path).unwrap();
         let e = f.get_u32("missing.key").unwrap_err().to_string();
-        assert!(
-            e.contains("missing metadata key 'missing.key'") && e.contains("g.gguf"),
-            "{e}"
-        );
+        assert!(e.contains("missing metadata key 'missing.key'") && e.contains("g.gguf"), "{e}");
         let e = f.get_str("llama.block_count").unwrap_err().to_string();
-        assert!(
-            e.contains("'llama.block_count' is u32 2, expected a string"),
-            "{e}"
-        );
+        assert!(e.contains("'llama.block_count' is u32 2, expected a string"), "{e}");
         let e = f.get_u32("misc.i8").unwrap_err().to_string();
         assert!(e.contains("expected an integer that fits in u32"), "{e}");
-        let e = f
-            .get_str_array("tokenizer.ggml.scores")
-            .unwrap_err()
-            .to_string();
+        let e = f.get_str_array("tokenizer.ggml.scores").unwrap_err().to_string();
         assert!(e.contains("array of f32 (2 elements)"), "{e}");
     }
 
@@ -1163,19 +959,13 @@ mod tests {
         let mut w = GgufWriter::new();
         w.add_tensor("x", DType::Q8_0, &[33, 2], vec![0u8; 68]);
         let e = w.write(&path).unwrap_err().to_string();
-        assert!(
-            e.contains("row length 33 is not a multiple of the q8_0 block size 32"),
-            "{e}"
-        );
+        assert!(e.contains("row length 33 is not a multiple of the q8_0 block size 32"), "{e}");
         let mut w = GgufWriter::new();
         w.add_tensor("x", DType::F16, &[4], vec![0u8; 7]);
         let e = w.write(&path).unwrap_err().to_string();
         assert!(e.contains("tensor 'x' has 7 bytes, expected 8"), "{e}");
         let mut w = GgufWriter::new();
-        w.add_meta(
-            "m",
-            MetaValue::Array(vec![MetaValue::U8(1), MetaValue::I8(1)]),
-        );
+        w.add_meta("m", MetaValue::Array(vec![MetaValue::U8(1), MetaValue::I8(1)]));
         assert!(w.write(&path).is_err());
         assert!(!path.exists());
     }
@@ -1205,26 +995,13 @@ mod tests {
         let path = Path::new("/models/t.gguf");
         // The last tensor ends before the final padding; lengths past it still parse.
         let full = parse(path, &bytes).unwrap();
-        let end = full
-            .tensors
-            .iter()
-            .map(|t| t.offset + t.nbytes)
-            .max()
-            .unwrap() as usize;
+        let end = full.tensors.iter().map(|t| t.offset + t.nbytes).max().unwrap() as usize;
         for len in 0..bytes.len() {
             let r = parse(path, &bytes[..len]);
-            assert_eq!(
-                r.is_ok(),
-                len >= end,
-                "truncated to {len} of {}",
-                bytes.len()
-            );
+            assert_eq!(r.is_ok(), len >= end, "truncated to {len} of {}", bytes.len());
         }
         let e = parse(path, &bytes[..end - 1]).unwrap_err().to_string();
-        assert!(
-            e.contains("tensor 'd.weight' needs 420 bytes at offset"),
-            "{e}"
-        );
+        assert!(e.contains("tensor 'd.weight' needs 420 bytes at offset"), "{e}");
         assert!(e.contains("file has 419 left"), "{e}");
     }
 
@@ -1245,11 +1022,7 @@ mod tests {
             let flips = 1 + (i % 4);
             for _ in 0..flips {
                 // Favour the header and tables, where corruption is interesting.
-                let limit = if i % 3 == 0 {
-                    b.len()
-                } else {
-                    700.min(b.len())
-                };
+                let limit = if i % 3 == 0 { b.len() } else { 700.min(b.len()) };
                 let pos = (next() % limit as u64) as usize;
                 b[pos] ^= 1 << (next() % 8);
             }
@@ -1257,10 +1030,7 @@ mod tests {
                 errors += 1;
             }
         }
-        assert!(
-            errors > 100,
-            "only {errors} of 3000 corrupted files were refused"
-        );
+        assert!(errors > 100, "only {errors} of 3000 corrupted files were refused");
     }
 
     #[test]
@@ -1285,9 +1055,7 @@ mod tests {
         assert!(e.contains("gguf version 1 is not supported"), "{e}");
         let e = parse(&path, b"GGML\0\0\0\0").unwrap_err().to_string();
         assert!(e.contains("not a gguf file"), "{e}");
-        let e = GgufFile::open(&dir.path().join("absent.gguf"))
-            .unwrap_err()
-            .to_string();
+        let e = GgufFile::open(&dir.path().join("absent.gguf")).unwrap_err().to_string();
         assert!(e.contains("absent.gguf: cannot open"), "{e}");
     }
 
@@ -1302,10 +1070,7 @@ mod tests {
         assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
         assert_eq!(f.get_u32("llama.block_count").unwrap(), 30);
         assert_eq!(f.get_u32("llama.embedding_length").unwrap(), 576);
-        assert_eq!(
-            f.get_str_array("tokenizer.ggml.tokens").unwrap().len(),
-            49152
-        );
+        assert_eq!(f.get_str_array("tokenizer.ggml.tokens").unwrap().len(), 49152);
         let emb = f.tensor("token_embd.weight").unwrap();
         assert_eq!(emb.dtype, DType::Q8_0);
         assert_eq!(emb.dims, vec![576, 49152]);

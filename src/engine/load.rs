@@ -222,7 +222,8 @@ pub fn load_gguf(path: &Path, backend: Arc<dyn Backend>, name: Option<&str>) -> 
         hash_sample(&mut hasher, file.tensor_bytes(t));
     }
     let display = name.map(str::to_owned).or_else(|| file.get_str_opt("general.name").ok().flatten().map(str::to_owned)).unwrap_or_else(|| file_stem(path));
-    let identity = ModelIdentity { name: display, architecture: arch, weights_hash: hex(&hasher.finalize()), file: path.display().to_string(), format: "gguf".into() };
+    let identity =
+        ModelIdentity { name: display, architecture: arch, weights_hash: hex(&hasher.finalize()), file: path.display().to_string(), format: "gguf".into() };
     Ok((Model { config, weights, backend, identity }, tokenizer))
 }
 
@@ -359,7 +360,13 @@ pub fn load_hf_dir(dir: &Path, backend: Arc<dyn Backend>, name: Option<&str>) ->
         hash_sample(&mut hasher, bytes);
     }
     let display = name.map(str::to_owned).unwrap_or_else(|| file_stem(dir));
-    let identity = ModelIdentity { name: display, architecture: arch, weights_hash: hex(&hasher.finalize()), file: dir.display().to_string(), format: "safetensors".into() };
+    let identity = ModelIdentity {
+        name: display,
+        architecture: arch,
+        weights_hash: hex(&hasher.finalize()),
+        file: dir.display().to_string(),
+        format: "safetensors".into(),
+    };
     Ok((Model { config, weights, backend, identity }, tokenizer))
 }
 

@@ -51,7 +51,16 @@ impl Session {
         let max_seq = max_seq.clamp(1, model.config.context_length);
         let state = State::new(model.backend.as_ref(), &model.config, max_seq, MAX_BATCH.min(max_seq))?;
         let vocab = model.config.vocab_size;
-        Ok(Session { model, tokenizer, state, tokens: Vec::new(), sampler: Sampler::new(sampler), logits: vec![0.0; vocab], has_logits: false, scratch: vec![0.0; vocab] })
+        Ok(Session {
+            model,
+            tokenizer,
+            state,
+            tokens: Vec::new(),
+            sampler: Sampler::new(sampler),
+            logits: vec![0.0; vocab],
+            has_logits: false,
+            scratch: vec![0.0; vocab],
+        })
     }
 
     pub fn max_seq(&self) -> usize {

@@ -124,16 +124,16 @@ impl KvCache {
 /// Scratch buffers for up to `max_batch` tokens, plus the KV cache.
 pub struct State {
     pub max_batch: usize,
-    x: Buffer,      // [batch, dim] residual stream
-    xn: Buffer,     // [batch, dim] normalized
-    q: Buffer,      // [batch, q_dim]
-    k: Buffer,      // [batch, kv_dim]
-    v: Buffer,      // [batch, kv_dim]
-    att: Buffer,    // [batch, q_dim]
-    proj: Buffer,   // [batch, dim]
-    gate: Buffer,   // [batch, ffn_dim]
-    up: Buffer,     // [batch, ffn_dim]
-    last: Buffer,   // [dim] the last token's normalized state
+    x: Buffer,          // [batch, dim] residual stream
+    xn: Buffer,         // [batch, dim] normalized
+    q: Buffer,          // [batch, q_dim]
+    k: Buffer,          // [batch, kv_dim]
+    v: Buffer,          // [batch, kv_dim]
+    att: Buffer,        // [batch, q_dim]
+    proj: Buffer,       // [batch, dim]
+    gate: Buffer,       // [batch, ffn_dim]
+    up: Buffer,         // [batch, ffn_dim]
+    last: Buffer,       // [dim] the last token's normalized state
     pub logits: Buffer, // [vocab]
     pub kv: KvCache,
 }

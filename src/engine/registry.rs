@@ -51,7 +51,9 @@ pub fn cache_dir() -> PathBuf {
 pub enum ResolveError {
     #[error("model '{name}' is not downloaded (looked for {path}); fetch it with: bash models/fetch.sh {name}")]
     NotFetched { name: String, path: PathBuf },
-    #[error("model '{name}' ({repo}) is not in the Hugging Face cache ({cache}); download it there (e.g. huggingface-cli download {repo}) or pass a folder path")]
+    #[error(
+        "model '{name}' ({repo}) is not in the Hugging Face cache ({cache}); download it there (e.g. huggingface-cli download {repo}) or pass a folder path"
+    )]
     NotInHfCache { name: String, repo: String, cache: PathBuf },
     #[error("model '{0}' is neither a file, a folder, nor a known name (known: {1})")]
     Unknown(String, String),

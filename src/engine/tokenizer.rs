@@ -61,13 +61,7 @@ impl GgufVocab {
     pub fn default_add_bos(model: &str, pre: Option<&str>) -> bool {
         match model {
             "llama" => true,
-            "gpt2" => matches!(
-                pre.and_then(bpe_pre_tokenizer),
-                Some(PreTokenizer {
-                    add_bos_by_default: true,
-                    ..
-                })
-            ),
+            "gpt2" => matches!(pre.and_then(bpe_pre_tokenizer), Some(PreTokenizer { add_bos_by_default: true, .. })),
             _ => false,
         }
     }
@@ -82,10 +76,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
 }
 
@@ -99,26 +90,15 @@ pub enum TokenizerError {
     #[error("tokenizer: the vocabulary is empty, expected at least one token")]
     EmptyVocabulary,
     #[error("tokenizer: {field} has {got} entries, expected {expected} (one per token)")]
-    LengthMismatch {
-        field: &'static str,
-        got: usize,
-        expected: usize,
-    },
+    LengthMismatch { field: &'static str, got: usize, expected: usize },
     #[error("tokenizer: {name} token id {id} is out of range for a vocabulary of {size} tokens")]
-    SpecialIdOutOfRange {
-        name: &'static str,
-        id: u32,
-        size: usize,
-    },
+    SpecialIdOutOfRange { name: &'static str, id: u32, size: usize },
     #[error("tokenizer: merge {index} '{merge}' is not two tokens separated by a space")]
     BadMerge { index: usize, merge: String },
     #[error("tokenizer: token id {id} is out of range for a vocabulary of {size} tokens")]
     IdOutOfRange { id: u32, size: usize },
     #[error("tokenizer: cannot read {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("tokenizer: {} is not valid: {message}", path.display())]
     BadFile { path: PathBuf, message: String },
     #[error("tokenizer: cannot build the {what}: {message}")]
@@ -276,32 +256,13 @@ impl Tokenizer {
             return Err(TokenizerError::EmptyVocabulary);
         }
         if !v.token_types.is_empty() && v.token_types.len() < n {
-            return Err(TokenizerError::LengthMismatch {
-                field: "tokenizer.ggml.token_type",
-                got: v.token_types.len(),
-                expected: n,
-            });
+            return Err(TokenizerError::LengthMismatch { field: "tokenizer.ggml.token_type", got: v.token_types.len(), expected: n });
         }
         if !v.scores.is_empty() && v.scores.len() < n {
-            return Err(TokenizerError::LengthMismatch {
-                field: "tokenizer.ggml.scores",
-                got: v.scores.len(),
-                expected: n,
-            });
+            return Err(TokenizerError::LengthMismatch { field: "tokenizer.ggml.scores", got: v.scores.len(), expected: n });
         }
         // llama.cpp renames empty tokens so that every text is unique and non-empty.
-        let texts: Vec<String> = v
-            .tokens
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                if t.is_empty() {
-                    format!("[EMPTY_{i}]")
-                } else {
-                    t
-                }
-            })
-            .collect();
+        let texts: Vec<String> = v.tokens.into_iter().enumerate().map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t }).collect();
         let kinds: Vec<TokenKind> = (0..n)
             .map(|i| match v.token_types.get(i) {
                 _ if EOG_TEXTS.contains(&texts[i].as_str()) => TokenKind::Control,
@@ -330,58 +291,20 @@ impl Tokenizer {
 
         let (mut model, style, strip_leading_space) = match v.model.as_str() {
             "gpt2" => {
-                let pre_name = v
-                    .pre
-                    .as_deref()
-                    .filter(|p| !p.is_empty())
-                    .unwrap_or("default");
-                let pre = bpe_pre_tokenizer(pre_name).ok_or_else(|| {
-                    TokenizerError::UnsupportedPreTokenizer {
-                        pre: pre_name.to_string(),
-                    }
-                })?;
-                (
-                    build_gguf_bpe(&texts, &v.merges, &pre)?,
-                    PieceStyle::ByteLevel,
-                    false,
-                )
+                let pre_name = v.pre.as_deref().filter(|p| !p.is_empty()).unwrap_or("default");
+                let pre = bpe_pre_tokenizer(pre_name).ok_or_else(|| TokenizerError::UnsupportedPreTokenizer { pre: pre_name.to_string() })?;
+                (build_gguf_bpe(&texts, &v.merges, &pre)?, PieceStyle::ByteLevel, false)
             }
-            "llama" => (
-                build_gguf_spm(&texts, &kinds, &v.scores)?,
-                PieceStyle::SentencePiece,
-                true,
-            ),
-            other => {
-                return Err(TokenizerError::UnsupportedModel {
-                    model: other.to_string(),
-                })
-            }
+            "llama" => (build_gguf_spm(&texts, &kinds, &v.scores)?, PieceStyle::SentencePiece, true),
+            other => return Err(TokenizerError::UnsupportedModel { model: other.to_string() }),
         };
         add_gguf_special_tokens(&mut model, &texts, &kinds);
 
         let eot = eot.or_else(|| find_first_text(&texts, EOT_TEXTS));
         let eom = eom.or_else(|| find_first_text(&texts, &["<|eom_id|>"]));
-        let specials = Specials {
-            bos,
-            eos,
-            eot,
-            eom,
-            pad,
-            extra_eog: Vec::new(),
-            add_bos: v.add_bos,
-            add_eos: v.add_eos,
-        };
+        let specials = Specials { bos, eos, eot, eom, pad, extra_eog: Vec::new(), add_bos: v.add_bos, add_eos: v.add_eos };
         let fingerprint = fingerprint(&texts, v.merges.iter().map(String::as_str), &specials);
-        Tokenizer::assemble(
-            model,
-            texts,
-            kinds,
-            style,
-            strip_leading_space,
-            specials,
-            v.chat_template,
-            fingerprint,
-        )
+        Tokenizer::assemble(model, texts, kinds, style, strip_leading_space, specials, v.chat_template, fingerprint)
     }
 
     /// Loads a Hugging Face tokenizer folder: `tokenizer.json`, plus `tokenizer_config.json`
@@ -391,16 +314,8 @@ impl Tokenizer {
         let tokenizer_path = dir.join("tokenizer.json");
         let raw = read_file(&tokenizer_path)?;
         let tokenizer_json: Json = parse_json(&tokenizer_path, &raw)?;
-        let mut model = HfTokenizer::from_bytes(&raw).map_err(|e| TokenizerError::BadFile {
-            path: tokenizer_path.clone(),
-            message: e.to_string(),
-        })?;
-        model
-            .with_truncation(None)
-            .map_err(|e| TokenizerError::BadFile {
-                path: tokenizer_path.clone(),
-                message: e.to_string(),
-            })?;
+        let mut model = HfTokenizer::from_bytes(&raw).map_err(|e| TokenizerError::BadFile { path: tokenizer_path.clone(), message: e.to_string() })?;
+        model.with_truncation(None).map_err(|e| TokenizerError::BadFile { path: tokenizer_path.clone(), message: e.to_string() })?;
         model.with_padding(None);
 
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
@@ -417,12 +332,7 @@ impl Tokenizer {
         if size > vocab.len().saturating_mul(2).max(1024) {
             return Err(TokenizerError::BadFile {
                 path: tokenizer_path,
-                message: format!(
-                    "token ids reach {} for {} tokens, expected ids close to 0..{}",
-                    size - 1,
-                    vocab.len(),
-                    vocab.len()
-                ),
+                message: format!("token ids reach {} for {} tokens, expected ids close to 0..{}", size - 1, vocab.len(), vocab.len()),
             });
         }
         let mut texts = vec![String::new(); size];
@@ -433,13 +343,8 @@ impl Tokenizer {
         }
 
         let style = hf_piece_style(&tokenizer_json);
-        let byte_fallback = tokenizer_json
-            .pointer("/model/byte_fallback")
-            .and_then(Json::as_bool)
-            .unwrap_or(false);
-        let unk_text = tokenizer_json
-            .pointer("/model/unk_token")
-            .and_then(Json::as_str);
+        let byte_fallback = tokenizer_json.pointer("/model/byte_fallback").and_then(Json::as_bool).unwrap_or(false);
+        let unk_text = tokenizer_json.pointer("/model/unk_token").and_then(Json::as_str);
         let mut kinds: Vec<TokenKind> = (0..size)
             .map(|id| {
                 let text = &texts[id];
@@ -456,28 +361,13 @@ impl Tokenizer {
             .collect();
         for (id, token) in model.get_added_tokens_decoder() {
             if let Some(kind) = kinds.get_mut(id as usize) {
-                *kind = if token.special {
-                    TokenKind::Control
-                } else {
-                    TokenKind::UserDefined
-                };
+                *kind = if token.special { TokenKind::Control } else { TokenKind::UserDefined };
             }
         }
 
         // Special tokens: tokenizer_config names them by text; the JSON configs by id.
-        let id_of = |key: &str| -> Option<u32> {
-            config
-                .as_ref()
-                .and_then(|c| c.get(key))
-                .and_then(token_content)
-                .and_then(|t| vocab.get(t).copied())
-        };
-        let ids_in = |json: &Option<Json>, key: &str| -> Vec<u32> {
-            json.as_ref()
-                .and_then(|j| j.get(key))
-                .map(json_ids)
-                .unwrap_or_default()
-        };
+        let id_of = |key: &str| -> Option<u32> { config.as_ref().and_then(|c| c.get(key)).and_then(token_content).and_then(|t| vocab.get(t).copied()) };
+        let ids_in = |json: &Option<Json>, key: &str| -> Vec<u32> { json.as_ref().and_then(|j| j.get(key)).map(json_ids).unwrap_or_default() };
         let bos = id_of("bos_token")
             .or_else(|| ids_in(&generation, "bos_token_id").first().copied())
             .or_else(|| ids_in(&model_config, "bos_token_id").first().copied());
@@ -485,8 +375,7 @@ impl Tokenizer {
         extra_eog.extend(ids_in(&model_config, "eos_token_id"));
         extra_eog.retain(|&id| (id as usize) < size);
         let eos = id_of("eos_token").or_else(|| extra_eog.first().copied());
-        let pad =
-            id_of("pad_token").or_else(|| ids_in(&generation, "pad_token_id").first().copied());
+        let pad = id_of("pad_token").or_else(|| ids_in(&generation, "pad_token_id").first().copied());
         let eot = find_first_text(&texts, EOT_TEXTS);
         let eom = find_first_text(&texts, &["<|eom_id|>"]);
         for (name, id) in [("bos", bos), ("eos", eos)] {
@@ -499,51 +388,18 @@ impl Tokenizer {
         let pad = pad.filter(|&id| (id as usize) < size);
 
         // add_bos/add_eos: the config's flag where given, else whatever the post-processor adds.
-        let flag = |key: &str| {
-            config
-                .as_ref()
-                .and_then(|c| c.get(key))
-                .and_then(Json::as_bool)
-        };
-        let probe = |add: bool| {
-            model
-                .encode("a", add)
-                .map(|e| e.get_ids().to_vec())
-                .unwrap_or_default()
-        };
+        let flag = |key: &str| config.as_ref().and_then(|c| c.get(key)).and_then(Json::as_bool);
+        let probe = |add: bool| model.encode("a", add).map(|e| e.get_ids().to_vec()).unwrap_or_default();
         let (with, without) = (probe(true), probe(false));
-        let add_bos = flag("add_bos_token").unwrap_or_else(|| {
-            bos.is_some() && with.first() == bos.as_ref() && without.first() != bos.as_ref()
-        });
-        let add_eos = flag("add_eos_token").unwrap_or_else(|| {
-            eos.is_some() && with.last() == eos.as_ref() && without.last() != eos.as_ref()
-        });
+        let add_bos = flag("add_bos_token").unwrap_or_else(|| bos.is_some() && with.first() == bos.as_ref() && without.first() != bos.as_ref());
+        let add_eos = flag("add_eos_token").unwrap_or_else(|| eos.is_some() && with.last() == eos.as_ref() && without.last() != eos.as_ref());
 
         let chat_template = read_hf_chat_template(dir, config.as_ref())?;
-        let strip_leading_space =
-            style == PieceStyle::SentencePiece && hf_strips_leading_space(&tokenizer_json);
+        let strip_leading_space = style == PieceStyle::SentencePiece && hf_strips_leading_space(&tokenizer_json);
         let merges = hf_merges(&tokenizer_json);
-        let specials = Specials {
-            bos,
-            eos,
-            eot,
-            eom,
-            pad,
-            extra_eog,
-            add_bos,
-            add_eos,
-        };
+        let specials = Specials { bos, eos, eot, eom, pad, extra_eog, add_bos, add_eos };
         let fingerprint = fingerprint(&texts, merges.iter().map(String::as_str), &specials);
-        Tokenizer::assemble(
-            model,
-            texts,
-            kinds,
-            style,
-            strip_leading_space,
-            specials,
-            chat_template,
-            fingerprint,
-        )
+        Tokenizer::assemble(model, texts, kinds, style, strip_leading_space, specials, chat_template, fingerprint)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -566,17 +422,8 @@ impl Tokenizer {
         }
         piece_starts.push(piece_bytes.len());
 
-        let mut eog: Vec<u32> = texts
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| EOG_TEXTS.contains(&t.as_str()))
-            .map(|(id, _)| id as u32)
-            .collect();
-        eog.extend(
-            [specials.eos, specials.eot, specials.eom]
-                .into_iter()
-                .flatten(),
-        );
+        let mut eog: Vec<u32> = texts.iter().enumerate().filter(|(_, t)| EOG_TEXTS.contains(&t.as_str())).map(|(id, _)| id as u32).collect();
+        eog.extend([specials.eos, specials.eot, specials.eom].into_iter().flatten());
         eog.extend(&specials.extra_eog);
         eog.sort_unstable();
         eog.dedup();
@@ -616,12 +463,7 @@ impl Tokenizer {
                 literal
             })
         };
-        let encoding = model
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode {
-                len: text.len(),
-                message: e.to_string(),
-            })?;
+        let encoding = model.encode(text, false).map_err(|e| TokenizerError::Encode { len: text.len(), message: e.to_string() })?;
         let body = encoding.get_ids();
         let mut ids = Vec::with_capacity(body.len() + 2);
         if let Some(bos) = self.bos.filter(|_| self.add_bos) {
@@ -642,20 +484,11 @@ impl Tokenizer {
         let mut bytes = Vec::with_capacity(ids.len() * 4);
         let mut started = false;
         for &id in ids {
-            let piece = self
-                .piece(id, skip_special)
-                .ok_or(TokenizerError::IdOutOfRange {
-                    id,
-                    size: self.texts.len(),
-                })?;
+            let piece = self.piece(id, skip_special).ok_or(TokenizerError::IdOutOfRange { id, size: self.texts.len() })?;
             if piece.is_empty() {
                 continue;
             }
-            bytes.extend_from_slice(if started {
-                piece
-            } else {
-                self.strip_start(piece)
-            });
+            bytes.extend_from_slice(if started { piece } else { self.strip_start(piece) });
             started = true;
         }
         Ok(match String::from_utf8(bytes) {
@@ -668,11 +501,7 @@ impl Tokenizer {
     /// available. Control tokens are skipped, as with `decode(ids, true)`; concatenating
     /// everything it emits (and its final `flush`) equals that decode.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
-        StreamDecoder {
-            tokenizer: self,
-            pending: Vec::new(),
-            started: false,
-        }
+        StreamDecoder { tokenizer: self, pending: Vec::new(), started: false }
     }
 
     /// Number of token ids (the largest id + 1).
@@ -712,37 +541,16 @@ impl Tokenizer {
     /// SentencePiece "▁"); `decode(&[id], false)` gives its text. `None` for ids outside the
     /// vocabulary and for holes in a Hugging Face vocabulary's id range.
     pub fn token_text(&self, id: u32) -> Option<String> {
-        self.texts
-            .get(id as usize)
-            .filter(|t| !t.is_empty())
-            .cloned()
+        self.texts.get(id as usize).filter(|t| !t.is_empty()).cloned()
     }
 
     /// Renders the model's own Jinja chat template the way `transformers` does (trim_blocks,
     /// lstrip_blocks, `bos_token`/`eos_token`, `raise_exception`, `strftime_now`, Python string
     /// methods). The result is meant for `encode(text, true)`.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, TokenizerError> {
-        let source = self
-            .chat_template
-            .as_deref()
-            .ok_or(TokenizerError::NoChatTemplate)?;
-        let text_of = |id: Option<u32>| {
-            id.and_then(|id| self.texts.get(id as usize))
-                .cloned()
-                .unwrap_or_default()
-        };
-        render_chat_template(
-            source,
-            messages,
-            add_generation_prompt,
-            &text_of(self.bos),
-            &text_of(self.eos),
-            &text_of(self.pad),
-        )
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
+        let source = self.chat_template.as_deref().ok_or(TokenizerError::NoChatTemplate)?;
+        let text_of = |id: Option<u32>| id.and_then(|id| self.texts.get(id as usize)).cloned().unwrap_or_default();
+        render_chat_template(source, messages, add_generation_prompt, &text_of(self.bos), &text_of(self.eos), &text_of(self.pad))
     }
 
     /// Whether the model ships a chat template.
@@ -791,11 +599,7 @@ impl StreamDecoder<'_> {
         if piece.is_empty() {
             return None;
         }
-        let piece = if self.started {
-            piece
-        } else {
-            self.tokenizer.strip_start(piece)
-        };
+        let piece = if self.started { piece } else { self.tokenizer.strip_start(piece) };
         self.started = true;
         self.pending.extend_from_slice(piece);
         let mut out = String::new();
@@ -855,77 +659,44 @@ struct PreTokenizer {
 }
 
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN35_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN35_SPLIT: &str =
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 // The original tokenizer.json patterns: fancy-regex has the Unicode classes std::regex lacks.
 const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const SEED_CODER_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+";
+const SEED_CODER_SPLIT: &str =
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+";
 const BAILING_SPLIT: &str = r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
-const MINICPM5_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const DEEPSEEK3_SPLIT: &str = r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##;
+const MINICPM5_SPLIT: &str =
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const DEEPSEEK3_SPLIT: &str =
+    r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##;
 const BLOOM_SPLIT: &str = r" ?[^(\s|.,!?…。，、।۔،)]+";
 
 /// The split regexes llama.cpp (`llm_tokenizer_bpe`) uses for a `tokenizer.ggml.pre` value.
 fn bpe_pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
-    let p = |regexes, ignore_merges, add_bos_by_default| PreTokenizer {
-        regexes,
-        ignore_merges,
-        add_bos_by_default,
-    };
+    let p = |regexes, ignore_merges, add_bos_by_default| PreTokenizer { regexes, ignore_merges, add_bos_by_default };
     Some(match pre {
-        "default" => p(
-            &[
-                r"[\p{P}\$\+<=>\^~\|]+",
-                GPT2_SPLIT,
-                r"\p{N}+",
-                r"[0-9][0-9][0-9]",
-            ],
-            false,
-            false,
-        ),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "jina-v5-nano" => p(&[LLAMA3_SPLIT], true, true),
+        "default" => p(&[r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"], false, false),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" | "jina-v5-nano" => p(&[LLAMA3_SPLIT], true, true),
         "dbrx" | "smaug-bpe" | "chatglm-bpe" => p(&[LLAMA3_SPLIT], false, false),
         "glm4" | "glm5" => p(&[LLAMA3_SPLIT], true, false),
-        "deepseek-coder" => p(
-            &[
-                r"[\r\n]",
-                r"\s?\p{L}+",
-                r"\s?\p{P}+",
-                r"[一-龥ࠀ-一가-퟿]+",
-                r"\p{N}",
-            ],
-            false,
-            false,
-        ),
-        "deepseek-v3" | "hunyuan-dense" | "joyai-llm" | "hy_v4" => p(
-            &[r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+", DEEPSEEK3_SPLIT],
-            false,
-            false,
-        ),
-        "falcon" => p(
-            &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_SPLIT, r"[0-9][0-9][0-9]"],
-            false,
-            false,
-        ),
-        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b"
-        | "mellum2" => p(&[r"\p{N}", GPT2_SPLIT], false, false),
-        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de"
-        | "a.x-4.0" | "mellum" | "modern-bert" | "mpt" | "olmo" | "jais" | "trillion"
-        | "granite-docling" | "exaone4" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" => {
-            p(&[GPT2_SPLIT], false, false)
-        }
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan"
-        | "solar-open" | "grok-2" => p(&[QWEN2_SPLIT], false, false),
+        "deepseek-coder" => p(&[r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"], false, false),
+        "deepseek-v3" | "hunyuan-dense" | "joyai-llm" | "hy_v4" => p(&[r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+", DEEPSEEK3_SPLIT], false, false),
+        "falcon" => p(&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_SPLIT, r"[0-9][0-9][0-9]"], false, false),
+        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => p(&[r"\p{N}", GPT2_SPLIT], false, false),
+        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0" | "mellum" | "modern-bert" | "mpt" | "olmo"
+        | "jais" | "trillion" | "granite-docling" | "exaone4" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" => p(&[GPT2_SPLIT], false, false),
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan" | "solar-open" | "grok-2" => p(&[QWEN2_SPLIT], false, false),
         "qwen35" => p(&[QWEN35_SPLIT], false, false),
         "poro-chat" | "bloom" | "gpt3-finnish" => p(&[BLOOM_SPLIT], false, false),
         "viking" => p(&[BLOOM_SPLIT, r"\p{N}"], false, false),
         "tekken" => p(&[TEKKEN_SPLIT], true, true),
-        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => {
-            p(&[GPT4O_SPLIT], false, false)
-        }
+        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => p(&[GPT4O_SPLIT], false, false),
         "seed-coder" => p(&[SEED_CODER_SPLIT], false, false),
         "bailingmoe" | "bailingmoe2" | "llada-moe" => p(&[BAILING_SPLIT], false, false),
         "minicpm5" => p(&[r"\p{N}{1,3}", MINICPM5_SPLIT], true, false),
@@ -934,25 +705,13 @@ fn bpe_pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
 }
 
 /// Byte-level BPE from GGUF tokens and merges, pre-tokenized like llama.cpp.
-fn build_gguf_bpe(
-    texts: &[String],
-    merges: &[String],
-    pre: &PreTokenizer,
-) -> Result<HfTokenizer, TokenizerError> {
+fn build_gguf_bpe(texts: &[String], merges: &[String], pre: &PreTokenizer) -> Result<HfTokenizer, TokenizerError> {
     // llama.cpp keeps the first rank of a repeated merge.
     let mut seen = HashSet::with_capacity(merges.len());
     let mut pairs = Vec::with_capacity(merges.len());
     for (index, merge) in merges.iter().enumerate() {
         // llama.cpp splits at the first space after the first byte, so " x" style tokens survive.
-        let split = merge
-            .bytes()
-            .skip(1)
-            .position(|b| b == b' ')
-            .map(|p| p + 1)
-            .ok_or_else(|| TokenizerError::BadMerge {
-                index,
-                merge: merge.clone(),
-            })?;
+        let split = merge.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1).ok_or_else(|| TokenizerError::BadMerge { index, merge: merge.clone() })?;
         if seen.insert(merge.as_str()) {
             pairs.push((merge[..split].to_string(), merge[split + 1..].to_string()));
         }
@@ -962,10 +721,7 @@ fn build_gguf_bpe(
             .vocab_and_merges(vocab, pairs)
             .ignore_merges(pre.ignore_merges)
             .build()
-            .map_err(|e| TokenizerError::Build {
-                what: "BPE model",
-                message: e.to_string(),
-            })
+            .map_err(|e| TokenizerError::Build { what: "BPE model", message: e.to_string() })
     };
     let bpe = match build(vocab_map(texts), pairs) {
         Ok(bpe) => bpe,
@@ -982,9 +738,7 @@ fn build_gguf_bpe(
                     joined.clear();
                     joined.push_str(left);
                     joined.push_str(right);
-                    let known = vocab.contains_key(left)
-                        && vocab.contains_key(right)
-                        && vocab.contains_key(&joined);
+                    let known = vocab.contains_key(left) && vocab.contains_key(right) && vocab.contains_key(&joined);
                     if known && seen.insert(merge.as_str()) {
                         pairs.push((left.to_string(), right.to_string()));
                     }
@@ -996,15 +750,8 @@ fn build_gguf_bpe(
 
     let mut steps: Vec<PreTokenizerWrapper> = Vec::with_capacity(pre.regexes.len() + 1);
     for regex in pre.regexes {
-        let split = Split::new(
-            SplitPattern::Regex((*regex).to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| TokenizerError::Build {
-            what: "pre-tokenizer regex",
-            message: format!("{regex}: {e}"),
-        })?;
+        let split = Split::new(SplitPattern::Regex((*regex).to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| TokenizerError::Build { what: "pre-tokenizer regex", message: format!("{regex}: {e}") })?;
         steps.push(split.into());
     }
     steps.push(ByteLevel::new(false, false, false).into());
@@ -1017,11 +764,7 @@ fn build_gguf_bpe(
 /// SentencePiece from GGUF tokens and scores: a byte-fallback BPE whose merges are every
 /// (left, right) pair of tokens that joins into a token, ranked by the joined token's score —
 /// the order in which SentencePiece (and llama.cpp's `llm_tokenizer_spm`) merges.
-fn build_gguf_spm(
-    texts: &[String],
-    kinds: &[TokenKind],
-    scores: &[f32],
-) -> Result<HfTokenizer, TokenizerError> {
+fn build_gguf_spm(texts: &[String], kinds: &[TokenKind], scores: &[f32]) -> Result<HfTokenizer, TokenizerError> {
     let vocab = vocab_map(texts);
     let score = |id: usize| scores.get(id).copied().unwrap_or(0.0);
     let mut ranked: Vec<(f32, u32, String, String)> = Vec::new();
@@ -1037,52 +780,29 @@ fn build_gguf_spm(
         }
     }
     // Highest score first; ties by id, then by the left piece's length (longest first).
-    ranked.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then(b.2.len().cmp(&a.2.len()))
-    });
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(b.2.len().cmp(&a.2.len())));
     let merges: Vec<(String, String)> = ranked.into_iter().map(|(_, _, l, r)| (l, r)).collect();
 
-    let unk = kinds
-        .iter()
-        .position(|&k| k == TokenKind::Unknown)
-        .map(|id| texts[id].clone())
-        .or_else(|| vocab.contains_key("<unk>").then(|| "<unk>".to_string()));
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(true)
-        .fuse_unk(true);
+    let unk =
+        kinds.iter().position(|&k| k == TokenKind::Unknown).map(|id| texts[id].clone()).or_else(|| vocab.contains_key("<unk>").then(|| "<unk>".to_string()));
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(unk);
     }
-    let bpe = builder.build().map_err(|e| TokenizerError::Build {
-        what: "SentencePiece model",
-        message: e.to_string(),
-    })?;
+    let bpe = builder.build().map_err(|e| TokenizerError::Build { what: "SentencePiece model", message: e.to_string() })?;
     let mut tokenizer = HfTokenizer::new(bpe);
     // llama.cpp escapes spaces and prepends one to every text fragment (the first, and each one
     // after a special token); a normalizer runs per fragment between added tokens, just so.
     let prepend: NormalizerWrapper = Prepend::new("▁".to_string()).into();
-    let escape: NormalizerWrapper = Replace::new(" ", "▁")
-        .map_err(|e| TokenizerError::Build {
-            what: "SentencePiece normalizer",
-            message: e.to_string(),
-        })?
-        .into();
-    tokenizer.with_normalizer(Some(tokenizers::normalizers::Sequence::new(vec![
-        prepend, escape,
-    ])));
+    let escape: NormalizerWrapper =
+        Replace::new(" ", "▁").map_err(|e| TokenizerError::Build { what: "SentencePiece normalizer", message: e.to_string() })?.into();
+    tokenizer.with_normalizer(Some(tokenizers::normalizers::Sequence::new(vec![prepend, escape])));
     Ok(tokenizer)
 }
 
 /// text → id; llama.cpp keeps the last id of a duplicated text.
 fn vocab_map(texts: &[String]) -> Vocab {
-    texts
-        .iter()
-        .enumerate()
-        .map(|(id, t)| (t.clone(), id as u32))
-        .collect()
+    texts.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect()
 }
 
 /// Registers control and unknown tokens as special (parsed only with `parse_special`) and
@@ -1090,22 +810,14 @@ fn vocab_map(texts: &[String]) -> Vocab {
 /// normalization, as llama.cpp's `tokenizer_st_partition` does.
 fn add_gguf_special_tokens(tokenizer: &mut HfTokenizer, texts: &[String], kinds: &[TokenKind]) {
     let added = |wanted: &dyn Fn(TokenKind) -> bool, special: bool| -> Vec<AddedToken> {
-        texts
-            .iter()
-            .zip(kinds)
-            .filter(|(_, &k)| wanted(k))
-            .map(|(t, _)| AddedToken::from(t.clone(), special).normalized(false))
-            .collect()
+        texts.iter().zip(kinds).filter(|(_, &k)| wanted(k)).map(|(t, _)| AddedToken::from(t.clone(), special).normalized(false)).collect()
     };
     tokenizer.add_special_tokens(&added(&|k| k.is_special(), true));
     tokenizer.add_tokens(&added(&|k| k == TokenKind::UserDefined, false));
 }
 
 fn find_first_text(texts: &[String], candidates: &[&str]) -> Option<u32> {
-    candidates
-        .iter()
-        .find_map(|c| texts.iter().position(|t| t == c))
-        .map(|id| id as u32)
+    candidates.iter().find_map(|c| texts.iter().position(|t| t == c)).map(|id| id as u32)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1131,22 +843,13 @@ fn byte_decoder() -> [Option<u8>; 0x144] {
 /// `<0xAB>` → 0xAB.
 fn parse_byte_token(text: &str) -> Option<u8> {
     let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
-    (hex.len() == 2)
-        .then(|| u8::from_str_radix(hex, 16).ok())
-        .flatten()
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
 }
 
-fn append_piece_bytes(
-    out: &mut Vec<u8>,
-    text: &str,
-    kind: TokenKind,
-    style: PieceStyle,
-    bytes: &[Option<u8>],
-) {
+fn append_piece_bytes(out: &mut Vec<u8>, text: &str, kind: TokenKind, style: PieceStyle, bytes: &[Option<u8>]) {
     match (kind, style) {
         // Control and user-defined tokens are stored as their literal text.
-        (TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown, _)
-        | (_, PieceStyle::Raw) => out.extend_from_slice(text.as_bytes()),
+        (TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown, _) | (_, PieceStyle::Raw) => out.extend_from_slice(text.as_bytes()),
         (_, PieceStyle::ByteLevel) => {
             for c in text.chars() {
                 match bytes.get(c as usize).copied().flatten() {
@@ -1173,34 +876,24 @@ fn append_piece_bytes(
 // Hugging Face folders
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TokenizerError> {
-    std::fs::read(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })
 }
 
 fn parse_json(path: &Path, bytes: &[u8]) -> Result<Json, TokenizerError> {
-    serde_json::from_slice(bytes).map_err(|e| TokenizerError::BadFile {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    serde_json::from_slice(bytes).map_err(|e| TokenizerError::BadFile { path: path.to_path_buf(), message: e.to_string() })
 }
 
 fn read_optional_json(path: &Path) -> Result<Option<Json>, TokenizerError> {
     match std::fs::read(path) {
         Ok(bytes) => parse_json(path, &bytes).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(TokenizerError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(source) => Err(TokenizerError::Io { path: path.to_path_buf(), source }),
     }
 }
 
 /// A token named in tokenizer_config.json: a string or an `AddedToken` object with `content`.
 fn token_content(v: &Json) -> Option<&str> {
-    v.as_str()
-        .or_else(|| v.get("content").and_then(Json::as_str))
+    v.as_str().or_else(|| v.get("content").and_then(Json::as_str))
 }
 
 /// An id or a list of ids (`eos_token_id: [128001, 128008, 128009]`).
@@ -1214,20 +907,12 @@ fn json_ids(v: &Json) -> Vec<u32> {
 
 /// `chat_template.jinja` wins over tokenizer_config.json's `chat_template`, which is a string
 /// or a list of named templates (the one named "default" is used).
-fn read_hf_chat_template(
-    dir: &Path,
-    config: Option<&Json>,
-) -> Result<Option<String>, TokenizerError> {
+fn read_hf_chat_template(dir: &Path, config: Option<&Json>) -> Result<Option<String>, TokenizerError> {
     let jinja = dir.join("chat_template.jinja");
     match std::fs::read_to_string(&jinja) {
         Ok(text) => return Ok(Some(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(TokenizerError::Io {
-                path: jinja,
-                source,
-            })
-        }
+        Err(source) => return Err(TokenizerError::Io { path: jinja, source }),
     }
     let Some(template) = config.and_then(|c| c.get("chat_template")) else {
         return Ok(None);
@@ -1248,8 +933,7 @@ fn read_hf_chat_template(
 fn decoder_types(decoder: &Json, out: &mut Vec<String>) {
     if let Some(t) = decoder.get("type").and_then(Json::as_str) {
         out.push(t.to_string());
-        if t == "Replace" && decoder.pointer("/pattern/String").and_then(Json::as_str) == Some("▁")
-        {
+        if t == "Replace" && decoder.pointer("/pattern/String").and_then(Json::as_str) == Some("▁") {
             out.push("ReplaceMetaspace".to_string());
         }
     }
@@ -1304,10 +988,7 @@ fn hf_strips_leading_space(tokenizer_json: &Json) -> bool {
 
 /// The model's merges as "left right" strings, whichever of the two JSON spellings is used.
 fn hf_merges(tokenizer_json: &Json) -> Vec<String> {
-    let Some(merges) = tokenizer_json
-        .pointer("/model/merges")
-        .and_then(Json::as_array)
-    else {
+    let Some(merges) = tokenizer_json.pointer("/model/merges").and_then(Json::as_array) else {
         return Vec::new();
     };
     merges
@@ -1326,11 +1007,7 @@ fn hf_merges(tokenizer_json: &Json) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // Fingerprint
 
-fn fingerprint<'m>(
-    texts: &[String],
-    merges: impl Iterator<Item = &'m str>,
-    s: &Specials,
-) -> String {
+fn fingerprint<'m>(texts: &[String], merges: impl Iterator<Item = &'m str>, s: &Specials) -> String {
     let mut h = Sha256::new();
     let mut put = |bytes: &[u8]| {
         h.update((bytes.len() as u64).to_le_bytes());
@@ -1349,12 +1026,10 @@ fn fingerprint<'m>(
     for id in [s.bos, s.eos, s.eot, s.eom, s.pad] {
         put(&id.map_or(-1i64, i64::from).to_le_bytes());
     }
-    h.finalize()
-        .iter()
-        .fold(String::with_capacity(64), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
+    h.finalize().iter().fold(String::with_capacity(64), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1376,42 +1051,21 @@ fn render_chat_template(
         .trim_blocks(true)
         .lstrip_blocks(true)
         .build()
-        .map_err(|e| TokenizerError::ChatTemplate {
-            message: describe_template_error(&e),
-        })?;
+        .map_err(|e| TokenizerError::ChatTemplate { message: describe_template_error(&e) })?;
     env.set_syntax(syntax);
     env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |message: String| -> Result<String, Error> {
-            Err(Error::new(
-                ErrorKind::InvalidOperation,
-                format!("template raised an exception: {message}"),
-            ))
-        },
-    );
+    env.add_function("raise_exception", |message: String| -> Result<String, Error> {
+        Err(Error::new(ErrorKind::InvalidOperation, format!("template raised an exception: {message}")))
+    });
     env.add_function("strftime_now", |format: String| -> String {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         strftime_utc(&format, now)
     });
-    let messages: Vec<minijinja::Value> = messages
-        .iter()
-        .map(|m| {
-            minijinja::Value::from_pairs([
-                ("role", m.role.as_str()),
-                ("content", m.content.as_str()),
-            ])
-        })
-        .collect();
-    let template = env
-        .template_from_str(source)
-        .map_err(|e| TokenizerError::ChatTemplate {
-            message: describe_template_error(&e),
-        })?;
+    let messages: Vec<minijinja::Value> =
+        messages.iter().map(|m| minijinja::Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())])).collect();
+    let template = env.template_from_str(source).map_err(|e| TokenizerError::ChatTemplate { message: describe_template_error(&e) })?;
     template
         .render(minijinja::context! {
             messages => messages,
@@ -1420,9 +1074,7 @@ fn render_chat_template(
             eos_token => eos_token,
             pad_token => pad_token,
         })
-        .map_err(|e| TokenizerError::ChatTemplate {
-            message: describe_template_error(&e),
-        })
+        .map_err(|e| TokenizerError::ChatTemplate { message: describe_template_error(&e) })
 }
 
 fn describe_template_error(e: &minijinja::Error) -> String {
@@ -1438,29 +1090,8 @@ fn describe_template_error(e: &minijinja::Error) -> String {
 /// `strftime` over UTC for the directives chat templates use (`%d %b %Y`, `%Y-%m-%d`, …);
 /// `%-d` style drops zero padding as glibc does. Unknown directives are kept verbatim.
 fn strftime_utc(format: &str, unix_secs: i64) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
+    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
@@ -1481,11 +1112,7 @@ fn strftime_utc(format: &str, unix_secs: i64) -> String {
             spec = chars.next();
         }
         let num = |out: &mut String, v: i64, width: usize| {
-            let _ = if unpadded {
-                write!(out, "{v}")
-            } else {
-                write!(out, "{v:0width$}")
-            };
+            let _ = if unpadded { write!(out, "{v}") } else { write!(out, "{v:0width$}") };
         };
         match spec {
             Some('Y') => num(&mut out, year, 4),
@@ -1568,9 +1195,7 @@ mod tests {
     /// Bytes 0..=255, then "he" 256, "ll" 257, "hell" 258, "hello" 259, "Ġhello" 260, "12" 261,
     /// then <|im_start|> 262 and <|im_end|> 263 (control) and <|tool|> 264 (user-defined).
     fn tiny_bpe(pre: &str) -> GgufVocab {
-        let merges: Vec<String> = ["h e", "l l", "he ll", "hell o", "Ġ hello", "1 2"]
-            .map(String::from)
-            .to_vec();
+        let merges: Vec<String> = ["h e", "l l", "he ll", "hell o", "Ġ hello", "1 2"].map(String::from).to_vec();
         let mut tokens = byte_level_chars();
         tokens.extend(merges.iter().map(|m| m.replace(' ', "")));
         tokens.extend(["<|im_start|>", "<|im_end|>", "<|tool|>"].map(String::from));
@@ -1578,15 +1203,7 @@ mod tests {
         token_types[IM_START as usize] = 3;
         token_types[IM_END as usize] = 3;
         token_types[TOOL as usize] = 4;
-        GgufVocab {
-            model: "gpt2".into(),
-            pre: Some(pre.into()),
-            tokens,
-            token_types,
-            merges,
-            chat_template: Some(CHATML.into()),
-            ..Default::default()
-        }
+        GgufVocab { model: "gpt2".into(), pre: Some(pre.into()), tokens, token_types, merges, chat_template: Some(CHATML.into()), ..Default::default() }
     }
 
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'].strip() + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -1599,10 +1216,7 @@ mod tests {
     fn byte_level_bpe_applies_merges_in_rank_order() {
         let t = build(tiny_bpe("gpt-2"));
         assert_eq!(t.encode("hello", false).unwrap(), [HELLO]);
-        assert_eq!(
-            t.encode("hello hello", false).unwrap(),
-            [HELLO, SPACE_HELLO]
-        );
+        assert_eq!(t.encode("hello hello", false).unwrap(), [HELLO, SPACE_HELLO]);
         assert_eq!(t.encode("hel", false).unwrap(), [256, u32::from(b'l')]);
         assert_eq!(t.encode("12", false).unwrap(), [261]);
         assert_eq!(t.vocab_size(), 265);
@@ -1611,32 +1225,17 @@ mod tests {
     #[test]
     fn smollm_pre_tokenizer_splits_digits_one_by_one() {
         let t = build(tiny_bpe("smollm"));
-        assert_eq!(
-            t.encode("12", false).unwrap(),
-            [u32::from(b'1'), u32::from(b'2')]
-        );
-        assert_eq!(
-            t.encode("hello hello", false).unwrap(),
-            [HELLO, SPACE_HELLO]
-        );
+        assert_eq!(t.encode("12", false).unwrap(), [u32::from(b'1'), u32::from(b'2')]);
+        assert_eq!(t.encode("hello hello", false).unwrap(), [HELLO, SPACE_HELLO]);
     }
 
     #[test]
     fn parse_special_controls_whether_control_tokens_are_matched() {
         let t = build(tiny_bpe("gpt-2"));
-        assert_eq!(
-            t.encode("<|im_start|>hello<|im_end|>", true).unwrap(),
-            [IM_START, HELLO, IM_END]
-        );
+        assert_eq!(t.encode("<|im_start|>hello<|im_end|>", true).unwrap(), [IM_START, HELLO, IM_END]);
         let literal = t.encode("<|im_start|>hello<|im_end|>", false).unwrap();
-        assert!(
-            !literal.contains(&IM_START) && !literal.contains(&IM_END),
-            "{literal:?}"
-        );
-        assert_eq!(
-            t.decode(&literal, false).unwrap(),
-            "<|im_start|>hello<|im_end|>"
-        );
+        assert!(!literal.contains(&IM_START) && !literal.contains(&IM_END), "{literal:?}");
+        assert_eq!(t.decode(&literal, false).unwrap(), "<|im_start|>hello<|im_end|>");
         // User-defined tokens are matched either way, as llama.cpp does.
         assert_eq!(t.encode("<|tool|>", false).unwrap(), [TOOL]);
         assert_eq!(t.encode("<|tool|>", true).unwrap(), [TOOL]);
@@ -1645,12 +1244,7 @@ mod tests {
     #[test]
     fn decode_round_trips_unicode_through_byte_tokens() {
         let t = build(tiny_bpe("gpt-2"));
-        for text in [
-            "héllo wörld 😀 日本語 e\u{301} Z\u{351}\u{352}",
-            "\t\n  \r\n x  ",
-            "👩‍👩‍👧‍👦 🇫🇷 \u{0}\u{7f}",
-            "",
-        ] {
+        for text in ["héllo wörld 😀 日本語 e\u{301} Z\u{351}\u{352}", "\t\n  \r\n x  ", "👩‍👩‍👧‍👦 🇫🇷 \u{0}\u{7f}", ""] {
             let ids = t.encode(text, false).unwrap();
             assert_eq!(t.decode(&ids, false).unwrap(), text, "{ids:?}");
         }
@@ -1660,18 +1254,9 @@ mod tests {
     fn decode_skip_special_drops_control_but_keeps_user_defined() {
         let t = build(tiny_bpe("gpt-2"));
         let ids = [IM_START, HELLO, TOOL, IM_END];
-        assert_eq!(
-            t.decode(&ids, false).unwrap(),
-            "<|im_start|>hello<|tool|><|im_end|>"
-        );
+        assert_eq!(t.decode(&ids, false).unwrap(), "<|im_start|>hello<|tool|><|im_end|>");
         assert_eq!(t.decode(&ids, true).unwrap(), "hello<|tool|>");
-        assert!(matches!(
-            t.decode(&[9999], false),
-            Err(TokenizerError::IdOutOfRange {
-                id: 9999,
-                size: 265
-            })
-        ));
+        assert!(matches!(t.decode(&[9999], false), Err(TokenizerError::IdOutOfRange { id: 9999, size: 265 })));
     }
 
     #[test]
@@ -1727,10 +1312,7 @@ mod tests {
         let t = build(v.clone());
         assert_eq!(t.bos_id(), Some(IM_START));
         assert_eq!(t.encode("hello", true).unwrap(), [IM_START, HELLO]);
-        assert_eq!(
-            t.encode("<|im_start|>hello", true).unwrap(),
-            [IM_START, HELLO]
-        );
+        assert_eq!(t.encode("<|im_start|>hello", true).unwrap(), [IM_START, HELLO]);
         assert_eq!(t.encode("", false).unwrap(), [IM_START]);
         v.add_bos = false;
         v.add_eos = true;
@@ -1750,10 +1332,7 @@ mod tests {
     fn fingerprint_is_pinned_and_tracks_the_vocabulary() {
         let t = build(tiny_bpe("gpt-2"));
         assert_eq!(t.fingerprint(), build(tiny_bpe("smollm")).fingerprint());
-        assert_eq!(
-            t.fingerprint(),
-            "234fce3aeb6b33838ff03fd02aba09aac576e5c7e164cd7a94ff2dd67865eaa1"
-        );
+        assert_eq!(t.fingerprint(), "234fce3aeb6b33838ff03fd02aba09aac576e5c7e164cd7a94ff2dd67865eaa1");
         let mut v = tiny_bpe("gpt-2");
         v.merges.pop();
         assert_ne!(build(v).fingerprint(), t.fingerprint());
@@ -1764,38 +1343,24 @@ mod tests {
 
     #[test]
     fn malformed_vocabularies_are_refused_with_the_reason() {
-        let err = |v: GgufVocab| {
-            Tokenizer::from_gguf_vocab(v)
-                .expect_err("must be refused")
-                .to_string()
-        };
+        let err = |v: GgufVocab| Tokenizer::from_gguf_vocab(v).expect_err("must be refused").to_string();
         let mut v = tiny_bpe("gpt-2");
         v.model = "bert".into();
         assert!(err(v).contains("unsupported tokenizer model 'bert'"));
         assert!(err(tiny_bpe("no-such-pre")).contains("unsupported pre-tokenizer 'no-such-pre'"));
         let mut v = tiny_bpe("gpt-2");
         v.bos = Some(265);
-        assert_eq!(
-            err(v),
-            "tokenizer: bos token id 265 is out of range for a vocabulary of 265 tokens"
-        );
+        assert_eq!(err(v), "tokenizer: bos token id 265 is out of range for a vocabulary of 265 tokens");
         let mut v = tiny_bpe("gpt-2");
         v.pad = Some(70_000);
-        assert_eq!(
-            build(v).pad_id(),
-            None,
-            "an out-of-range pad id is dropped, as in llama.cpp"
-        );
+        assert_eq!(build(v).pad_id(), None, "an out-of-range pad id is dropped, as in llama.cpp");
         let mut v = tiny_bpe("gpt-2");
         v.token_types.truncate(3);
         assert!(err(v).contains("tokenizer.ggml.token_type has 3 entries, expected 265"));
         let mut v = tiny_bpe("gpt-2");
         v.merges.push("nospace".into());
         assert!(err(v).contains("merge 6 'nospace' is not two tokens"));
-        assert!(matches!(
-            Tokenizer::from_gguf_vocab(GgufVocab::default()),
-            Err(TokenizerError::EmptyVocabulary)
-        ));
+        assert!(matches!(Tokenizer::from_gguf_vocab(GgufVocab::default()), Err(TokenizerError::EmptyVocabulary)));
     }
 
     #[test]
@@ -1817,37 +1382,17 @@ mod tests {
         tokens.extend(pieces.map(String::from));
         token_types.extend(pieces.map(|_| 1));
         let scores = (0..tokens.len()).map(|i| -(i as f32)).collect();
-        GgufVocab {
-            model: "llama".into(),
-            tokens,
-            token_types,
-            scores,
-            add_bos: true,
-            ..Default::default()
-        }
+        GgufVocab { model: "llama".into(), tokens, token_types, scores, add_bos: true, ..Default::default() }
     }
 
-    const SPM_PIECES: [&str; 12] = [
-        "▁", "h", "e", "l", "o", "he", "ll", "hell", "hello", "▁hello", "▁h", "▁w",
-    ];
+    const SPM_PIECES: [&str; 12] = ["▁", "h", "e", "l", "o", "he", "ll", "hell", "hello", "▁hello", "▁h", "▁w"];
 
     #[test]
     fn sentencepiece_merges_the_highest_score_first() {
-        let t = build(tiny_spm([
-            "▁", "h", "e", "l", "o", "▁h", "he", "ll", "hell", "hello", "▁hello", "▁w",
-        ]));
-        let id = |s: &str| {
-            t.texts
-                .iter()
-                .position(|x| x == s)
-                .map(|i| i as u32)
-                .unwrap()
-        };
+        let t = build(tiny_spm(["▁", "h", "e", "l", "o", "▁h", "he", "ll", "hell", "hello", "▁hello", "▁w"]));
+        let id = |s: &str| t.texts.iter().position(|x| x == s).map(|i| i as u32).unwrap();
         // "▁h" outscores "he", so "▁hello" is out of reach.
-        assert_eq!(
-            t.encode("hello", false).unwrap(),
-            [1, id("▁h"), id("e"), id("ll"), id("o")]
-        );
+        assert_eq!(t.encode("hello", false).unwrap(), [1, id("▁h"), id("e"), id("ll"), id("o")]);
     }
 
     #[test]
@@ -1856,24 +1401,12 @@ mod tests {
         let id = |s: &str| t.texts.iter().position(|x| x == s).map(|i| i as u32);
         // The llama defaults: BOS 1, EOS 2.
         assert_eq!((t.bos_id(), t.eog_ids()), (Some(1), &[2u32][..]));
-        assert_eq!(
-            t.encode("hello", false).unwrap(),
-            [1, id("▁hello").unwrap()]
-        );
+        assert_eq!(t.encode("hello", false).unwrap(), [1, id("▁hello").unwrap()]);
         // "i" is not a piece: its byte token stands in.
-        assert_eq!(
-            t.encode("hi", false).unwrap(),
-            [1, id("▁h").unwrap(), 3 + u32::from(b'i')]
-        );
+        assert_eq!(t.encode("hi", false).unwrap(), [1, id("▁h").unwrap(), 3 + u32::from(b'i')]);
         // Text after a special token gets its own space prefix, as in llama.cpp.
-        assert_eq!(
-            t.encode("<s>hello", true).unwrap(),
-            [1, id("▁hello").unwrap()]
-        );
-        assert_eq!(
-            t.encode("hello</s>hello", true).unwrap(),
-            [1, id("▁hello").unwrap(), 2, id("▁hello").unwrap()]
-        );
+        assert_eq!(t.encode("<s>hello", true).unwrap(), [1, id("▁hello").unwrap()]);
+        assert_eq!(t.encode("hello</s>hello", true).unwrap(), [1, id("▁hello").unwrap(), 2, id("▁hello").unwrap()]);
         for text in ["hello", " hello  w", "héllo 😀\n", "wörld"] {
             let ids = t.encode(text, false).unwrap();
             assert_eq!(t.decode(&ids, true).unwrap(), text, "{ids:?}");
@@ -1886,18 +1419,12 @@ mod tests {
     #[test]
     fn chat_template_renders_chatml_like_transformers() {
         let t = build(tiny_bpe("gpt-2"));
-        let messages = [
-            ChatMessage::new("system", "Be brief."),
-            ChatMessage::new("user", "  Hi!  "),
-        ];
+        let messages = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "  Hi!  ")];
         assert_eq!(
             t.apply_chat_template(&messages, true).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
         );
-        assert_eq!(
-            t.apply_chat_template(&messages[1..], false).unwrap(),
-            "<|im_start|>user\nHi!<|im_end|>\n"
-        );
+        assert_eq!(t.apply_chat_template(&messages[1..], false).unwrap(), "<|im_start|>user\nHi!<|im_end|>\n");
     }
 
     #[test]
@@ -1910,17 +1437,10 @@ mod tests {
                 .into(),
         );
         let t = build(v);
-        let out = t
-            .apply_chat_template(&[ChatMessage::new("user", "x")], false)
-            .unwrap();
+        let out = t.apply_chat_template(&[ChatMessage::new("user", "x")], false).unwrap();
         assert_eq!(out, "<|im_start|>x<|im_end|>\n4");
-        let err = t
-            .apply_chat_template(&[ChatMessage::new("system", "x")], false)
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("System role not supported"),
-            "{err}"
-        );
+        let err = t.apply_chat_template(&[ChatMessage::new("system", "x")], false).unwrap_err();
+        assert!(err.to_string().contains("System role not supported"), "{err}");
     }
 
     #[test]
@@ -1935,24 +1455,15 @@ mod tests {
     #[test]
     fn runaway_chat_template_is_stopped() {
         let mut v = tiny_bpe("gpt-2");
-        v.chat_template = Some(
-            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
-                .into(),
-        );
-        assert!(matches!(
-            build(v).apply_chat_template(&[], true),
-            Err(TokenizerError::ChatTemplate { .. })
-        ));
+        v.chat_template = Some("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}".into());
+        assert!(matches!(build(v).apply_chat_template(&[], true), Err(TokenizerError::ChatTemplate { .. })));
     }
 
     #[test]
     fn strftime_formats_utc_dates() {
         let t = 1_721_952_000 + 3661; // 2024-07-26 01:01:01 UTC, a Friday
         assert_eq!(strftime_utc("%d %b %Y", t), "26 Jul 2024");
-        assert_eq!(
-            strftime_utc("%A %-d %B %y %H:%M:%S %j %p %%", t),
-            "Friday 26 July 24 01:01:01 208 AM %"
-        );
+        assert_eq!(strftime_utc("%A %-d %B %y %H:%M:%S %j %p %%", t), "Friday 26 July 24 01:01:01 208 AM %");
         assert_eq!(strftime_utc("%Y-%m-%d %Q", 0), "1970-01-01 %Q");
         assert_eq!(strftime_utc("%Y-%m-%d", 951_782_400), "2000-02-29");
     }
@@ -1989,16 +1500,11 @@ mod tests {
         });
         std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
         std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
-        std::fs::write(
-            dir.join("generation_config.json"),
-            r#"{"eos_token_id": [2, 0]}"#,
-        )
-        .unwrap();
+        std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
     }
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("driftwood-tokenizer-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("driftwood-tokenizer-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -2013,26 +1519,14 @@ mod tests {
         assert_eq!(t.bos_id(), None);
         assert_eq!(t.eog_ids(), [0, 2]);
         // The file's truncation to 2 tokens is ignored.
-        assert_eq!(
-            t.encode("<|im_start|>hello hello<|im_end|>", true).unwrap(),
-            [1, 10, 12, 2]
-        );
+        assert_eq!(t.encode("<|im_start|>hello hello<|im_end|>", true).unwrap(), [1, 10, 12, 2]);
         assert_eq!(t.decode(&[1, 10, 12, 2], true).unwrap(), "hello hello");
-        let chat = t
-            .apply_chat_template(&[ChatMessage::new("user", "hello")], true)
-            .unwrap();
-        assert_eq!(
-            chat,
-            "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
-        );
+        let chat = t.apply_chat_template(&[ChatMessage::new("user", "hello")], true).unwrap();
+        assert_eq!(chat, "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n");
         // chat_template.jinja wins over tokenizer_config.json.
         std::fs::write(dir.join("chat_template.jinja"), "{{ messages | length }}").unwrap();
         let t = Tokenizer::from_hf_dir(&dir).unwrap();
-        assert_eq!(
-            t.apply_chat_template(&[ChatMessage::new("user", "x")], true)
-                .unwrap(),
-            "1"
-        );
+        assert_eq!(t.apply_chat_template(&[ChatMessage::new("user", "x")], true).unwrap(), "1");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -2040,10 +1534,7 @@ mod tests {
     fn hf_dir_errors_name_the_file() {
         let dir = temp_dir("hf-bad");
         let err = Tokenizer::from_hf_dir(&dir).unwrap_err().to_string();
-        assert!(
-            err.starts_with("tokenizer: cannot read ") && err.contains("tokenizer.json"),
-            "{err}"
-        );
+        assert!(err.starts_with("tokenizer: cannot read ") && err.contains("tokenizer.json"), "{err}");
         std::fs::write(dir.join("tokenizer.json"), "{not json").unwrap();
         let err = Tokenizer::from_hf_dir(&dir).unwrap_err().to_string();
         assert!(err.contains("tokenizer.json is not valid"), "{err}");

@@ -156,61 +156,27 @@ pub enum SnapshotError {
     #[error("{file}: {len}-byte file is too short for a safetensors header")]
     TooShort { file: String, len: u64 },
     #[error("{file}: header length {header_len} does not fit in a {file_len}-byte file")]
-    HeaderLength {
-        file: String,
-        header_len: u64,
-        file_len: u64,
-    },
+    HeaderLength { file: String, header_len: u64, file_len: u64 },
     #[error("{file}: invalid safetensors header: {reason}")]
     Header { file: String, reason: String },
     #[error("{file}: header describes {data_len} bytes of tensor data, file has {available}")]
-    DataLength {
-        file: String,
-        data_len: u64,
-        available: u64,
-    },
+    DataLength { file: String, data_len: u64, available: u64 },
     #[error("{file}: not a driftwood snapshot: __metadata__ has no '{key}'")]
     NotSnapshot { file: String, key: &'static str },
     #[error("{file}: __metadata__ '{key}' is invalid: {reason}")]
-    BadMetadata {
-        file: String,
-        key: &'static str,
-        reason: String,
-    },
+    BadMetadata { file: String, key: &'static str, reason: String },
     #[error("{file}: format version {found}, this driftwood reads version {FORMAT_VERSION}")]
     Version { file: String, found: String },
     #[error("{file}: missing tensor '{name}' ({reason})")]
-    MissingTensor {
-        file: String,
-        name: String,
-        reason: String,
-    },
+    MissingTensor { file: String, name: String, reason: String },
     #[error("{file}: unexpected tensor '{name}' ({reason})")]
-    UnexpectedTensor {
-        file: String,
-        name: String,
-        reason: String,
-    },
+    UnexpectedTensor { file: String, name: String, reason: String },
     #[error("{file}: tensor '{name}' has dtype {found}, expected {expected}")]
-    TensorDtype {
-        file: String,
-        name: String,
-        found: String,
-        expected: String,
-    },
+    TensorDtype { file: String, name: String, found: String, expected: String },
     #[error("{file}: tensor '{name}' has shape {shape:?}, metadata says {expected}")]
-    TensorShape {
-        file: String,
-        name: String,
-        shape: Vec<usize>,
-        expected: String,
-    },
+    TensorShape { file: String, name: String, shape: Vec<usize>, expected: String },
     #[error("{file}: module sha256 is {actual}, metadata says {expected}")]
-    ModuleHash {
-        file: String,
-        actual: String,
-        expected: String,
-    },
+    ModuleHash { file: String, actual: String, expected: String },
     /// The metadata contradicts itself or the tensor contents.
     #[error("{file}: {what}")]
     Invalid { file: String, what: String },
@@ -234,11 +200,7 @@ fn file_name(path: &Path) -> String {
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
-    move |source| SnapshotError::Io {
-        file: file_name(path),
-        op,
-        source,
-    }
+    move |source| SnapshotError::Io { file: file_name(path), op, source }
 }
 
 fn kv_name(layer: usize, which: char) -> String {
@@ -246,53 +208,26 @@ fn kv_name(layer: usize, which: char) -> String {
 }
 
 /// Checks the metadata on its own; shared by `write` and `read`. `fail` builds the error.
-fn check_meta(
-    meta: &SnapshotMeta,
-    fail: &dyn Fn(String) -> SnapshotError,
-) -> Result<(), SnapshotError> {
-    if !meta.memory_bytes.is_multiple_of(PAGE_BYTES as u64) || meta.memory_bytes > MAX_MEMORY_BYTES
-    {
-        return Err(fail(format!(
-            "memory_bytes {} is not a multiple of 65536 up to 4 GiB",
-            meta.memory_bytes
-        )));
+fn check_meta(meta: &SnapshotMeta, fail: &dyn Fn(String) -> SnapshotError) -> Result<(), SnapshotError> {
+    if !meta.memory_bytes.is_multiple_of(PAGE_BYTES as u64) || meta.memory_bytes > MAX_MEMORY_BYTES {
+        return Err(fail(format!("memory_bytes {} is not a multiple of 65536 up to 4 GiB", meta.memory_bytes)));
     }
     if let Some(pair) = meta.globals.windows(2).find(|w| w[0].0 >= w[1].0) {
-        return Err(fail(format!(
-            "globals are not strictly increasing by index: {} then {}",
-            pair[0].0, pair[1].0
-        )));
+        return Err(fail(format!("globals are not strictly increasing by index: {} then {}", pair[0].0, pair[1].0)));
     }
     match &meta.model {
-        None if meta.kv_len != 0 => Err(fail(format!(
-            "kv_len is {} but there is no model",
-            meta.kv_len
-        ))),
+        None if meta.kv_len != 0 => Err(fail(format!("kv_len is {} but there is no model", meta.kv_len))),
         None => Ok(()),
         Some(m) => {
             if m.n_layers == 0 || m.n_layers > MAX_LAYERS {
-                return Err(fail(format!(
-                    "model.n_layers {} is not in 1..={MAX_LAYERS}",
-                    m.n_layers
-                )));
+                return Err(fail(format!("model.n_layers {} is not in 1..={MAX_LAYERS}", m.n_layers)));
             }
             if m.kv_dim == 0 || m.vocab_size == 0 {
-                return Err(fail(format!(
-                    "model.kv_dim {} and model.vocab_size {} must be non-zero",
-                    m.kv_dim, m.vocab_size
-                )));
+                return Err(fail(format!("model.kv_dim {} and model.vocab_size {} must be non-zero", m.kv_dim, m.vocab_size)));
             }
-            let too_big = meta
-                .kv_len
-                .checked_mul(m.kv_dim)
-                .and_then(|n| n.checked_mul(2 * m.n_layers))
-                .and_then(|n| n.checked_mul(2))
-                .is_none();
+            let too_big = meta.kv_len.checked_mul(m.kv_dim).and_then(|n| n.checked_mul(2 * m.n_layers)).and_then(|n| n.checked_mul(2)).is_none();
             if too_big {
-                return Err(fail(format!(
-                    "kv_len {} × kv_dim {} × {} layers overflows",
-                    meta.kv_len, m.kv_dim, m.n_layers
-                )));
+                return Err(fail(format!("kv_len {} × kv_dim {} × {} layers overflows", meta.kv_len, m.kv_dim, m.n_layers)));
             }
             Ok(())
         }
@@ -301,16 +236,10 @@ fn check_meta(
 
 /// Checks that the parts of `snap` agree with its metadata before anything touches the disk.
 fn check_snapshot(path: &Path, snap: &Snapshot) -> Result<(), SnapshotError> {
-    let fail = |what: String| SnapshotError::Inconsistent {
-        file: file_name(path),
-        what,
-    };
+    let fail = |what: String| SnapshotError::Inconsistent { file: file_name(path), what };
     let meta = &snap.meta;
     if meta.format_version != FORMAT_VERSION {
-        return Err(fail(format!(
-            "format_version is {}, expected {FORMAT_VERSION}",
-            meta.format_version
-        )));
+        return Err(fail(format!("format_version is {}, expected {FORMAT_VERSION}", meta.format_version)));
     }
     check_meta(meta, &fail)?;
     if snap.module.is_empty() {
@@ -318,54 +247,33 @@ fn check_snapshot(path: &Path, snap: &Snapshot) -> Result<(), SnapshotError> {
     }
     let actual = module_sha256(&snap.module);
     if actual != meta.module_sha256 {
-        return Err(fail(format!(
-            "module sha256 is {actual}, meta.module_sha256 is {}",
-            meta.module_sha256
-        )));
+        return Err(fail(format!("module sha256 is {actual}, meta.module_sha256 is {}", meta.module_sha256)));
     }
     if snap.memory.len() as u64 != meta.memory_bytes {
-        return Err(fail(format!(
-            "memory is {} bytes, memory_bytes is {}",
-            snap.memory.len(),
-            meta.memory_bytes
-        )));
+        return Err(fail(format!("memory is {} bytes, memory_bytes is {}", snap.memory.len(), meta.memory_bytes)));
     }
     if snap.tokens.len() != meta.kv_len {
-        return Err(fail(format!(
-            "{} tokens, kv_len is {}",
-            snap.tokens.len(),
-            meta.kv_len
-        )));
+        return Err(fail(format!("{} tokens, kv_len is {}", snap.tokens.len(), meta.kv_len)));
     }
     let (n_layers, kv_dim, vocab) = match &meta.model {
         Some(m) => (m.n_layers, m.kv_dim, Some(m.vocab_size)),
         None => (0, 0, None),
     };
     if snap.kv.len() != n_layers {
-        return Err(fail(format!(
-            "kv has {} layers, model has {n_layers}",
-            snap.kv.len()
-        )));
+        return Err(fail(format!("kv has {} layers, model has {n_layers}", snap.kv.len())));
     }
     let per_layer = meta.kv_len * kv_dim;
     for (layer, (k, v)) in snap.kv.iter().enumerate() {
         for (which, t) in [('k', k), ('v', v)] {
             if t.len() != per_layer {
-                return Err(fail(format!(
-                    "{} has {} values, expected kv_len {} × kv_dim {kv_dim}",
-                    kv_name(layer, which),
-                    t.len(),
-                    meta.kv_len
-                )));
+                return Err(fail(format!("{} has {} values, expected kv_len {} × kv_dim {kv_dim}", kv_name(layer, which), t.len(), meta.kv_len)));
             }
         }
     }
     match (&snap.logits, vocab) {
         (None, _) => Ok(()),
         (Some(_), None) => Err(fail("logits without a model".into())),
-        (Some(l), Some(v)) if l.len() != v => {
-            Err(fail(format!("{} logits, vocab_size is {v}", l.len())))
-        }
+        (Some(l), Some(v)) if l.len() != v => Err(fail(format!("{} logits, vocab_size is {v}", l.len()))),
         (Some(_), Some(_)) => Ok(()),
     }
 }
@@ -389,16 +297,11 @@ struct Planned<'a> {
 
 fn is_zero(page: &[u8]) -> bool {
     // Comparing u64 words lets the compiler vectorise; a page is always a multiple of 8 bytes.
-    page.chunks_exact(8)
-        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+    page.chunks_exact(8).all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
 }
 
 /// Writes `items` as little-endian bytes through a bounded scratch buffer.
-fn write_le<T: Copy, const N: usize>(
-    out: &mut impl Write,
-    items: &[T],
-    to_le: impl Fn(T) -> [u8; N],
-) -> io::Result<()> {
+fn write_le<T: Copy, const N: usize>(out: &mut impl Write, items: &[T], to_le: impl Fn(T) -> [u8; N]) -> io::Result<()> {
     const CHUNK_ITEMS: usize = 1 << 16;
     let mut buf = Vec::with_capacity(CHUNK_ITEMS.min(items.len()) * N);
     for chunk in items.chunks(CHUNK_ITEMS) {
@@ -470,13 +373,7 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> 
     }
     let mut kv_bytes = 0u64;
     if meta.kv_len > 0 {
-        planned.push(Planned {
-            name: T_TOKENS.into(),
-            dtype: Dtype::U32,
-            shape: vec![meta.kv_len],
-            bytes: meta.kv_len * 4,
-            source: Source::U32(&snap.tokens),
-        });
+        planned.push(Planned { name: T_TOKENS.into(), dtype: Dtype::U32, shape: vec![meta.kv_len], bytes: meta.kv_len * 4, source: Source::U32(&snap.tokens) });
         let kv_dim = meta.model.as_ref().map_or(0, |m| m.kv_dim);
         for (layer, (k, v)) in snap.kv.iter().enumerate() {
             for (which, t) in [('k', k), ('v', v)] {
@@ -492,13 +389,7 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> 
         }
     }
     if let Some(logits) = &snap.logits {
-        planned.push(Planned {
-            name: T_LOGITS.into(),
-            dtype: Dtype::F32,
-            shape: vec![logits.len()],
-            bytes: logits.len() * 4,
-            source: Source::F32(logits),
-        });
+        planned.push(Planned { name: T_LOGITS.into(), dtype: Dtype::F32, shape: vec![logits.len()], bytes: logits.len() * 4, source: Source::F32(logits) });
     }
     // The safetensors crate's own order: widest dtype first (keeps every tensor aligned to its
     // element size, since the header is padded to 8), then by name.
@@ -508,39 +399,24 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> 
     let infos: Vec<(String, TensorInfo)> = planned
         .iter()
         .map(|p| {
-            let info = TensorInfo {
-                dtype: p.dtype,
-                shape: p.shape.clone(),
-                data_offsets: (offset, offset + p.bytes),
-            };
+            let info = TensorInfo { dtype: p.dtype, shape: p.shape.clone(), data_offsets: (offset, offset + p.bytes) };
             offset += p.bytes;
             (p.name.clone(), info)
         })
         .collect();
     let data_len = offset as u64;
 
-    let meta_json = serde_json::to_string(meta).map_err(|e| SnapshotError::Inconsistent {
-        file: file_name(path),
-        what: format!("metadata does not encode as json: {e}"),
-    })?;
-    let kv: HashMap<String, String> = [
-        ("format".to_string(), FORMAT_NAME.to_string()),
-        ("format_version".to_string(), FORMAT_VERSION.to_string()),
-        ("driftwood".to_string(), meta_json),
-    ]
-    .into();
-    let header_err = |e: &dyn std::fmt::Display| SnapshotError::Inconsistent {
-        file: file_name(path),
-        what: format!("cannot build safetensors header: {e}"),
-    };
+    let meta_json = serde_json::to_string(meta)
+        .map_err(|e| SnapshotError::Inconsistent { file: file_name(path), what: format!("metadata does not encode as json: {e}") })?;
+    let kv: HashMap<String, String> =
+        [("format".to_string(), FORMAT_NAME.to_string()), ("format_version".to_string(), FORMAT_VERSION.to_string()), ("driftwood".to_string(), meta_json)]
+            .into();
+    let header_err = |e: &dyn std::fmt::Display| SnapshotError::Inconsistent { file: file_name(path), what: format!("cannot build safetensors header: {e}") };
     let metadata = Metadata::new(Some(kv), infos).map_err(|e| header_err(&e))?;
     let mut header = serde_json::to_vec(&metadata).map_err(|e| header_err(&e))?;
     header.resize(header.len().next_multiple_of(8), b' ');
     if header.len() as u64 > MAX_HEADER_BYTES {
-        return Err(header_err(&format!(
-            "header is {} bytes, limit is {MAX_HEADER_BYTES}",
-            header.len()
-        )));
+        return Err(header_err(&format!("header is {} bytes, limit is {MAX_HEADER_BYTES}", header.len())));
     }
 
     let dir = match path.parent() {
@@ -549,25 +425,13 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> 
     };
     let base = path
         .file_name()
-        .ok_or_else(|| SnapshotError::Io {
-            file: file_name(path),
-            op: "write",
-            source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
-        })?
+        .ok_or_else(|| SnapshotError::Io { file: file_name(path), op: "write", source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name") })?
         .to_string_lossy()
         .into_owned();
-    let temp = dir.join(format!(
-        ".{base}.tmp-{}-{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let temp = dir.join(format!(".{base}.tmp-{}-{}", std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
 
     let result = (|| {
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .map_err(io_err(path, "create temp file"))?;
+        let file = File::options().write(true).create_new(true).open(&temp).map_err(io_err(path, "create temp file"))?;
         let mut out = io::BufWriter::with_capacity(1 << 20, file);
         let written: io::Result<()> = (|| {
             out.write_all(&(header.len() as u64).to_le_bytes())?;
@@ -578,9 +442,7 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> 
             out.flush()
         })();
         written.map_err(io_err(path, "write temp file"))?;
-        let file = out
-            .into_inner()
-            .map_err(|e| io_err(path, "write temp file")(e.into_error()))?;
+        let file = out.into_inner().map_err(|e| io_err(path, "write temp file")(e.into_error()))?;
         file.sync_all().map_err(io_err(path, "fsync temp file"))?;
         drop(file);
         std::fs::rename(&temp, path).map_err(io_err(path, "rename temp file over it"))
@@ -590,9 +452,7 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> 
         let _ = std::fs::remove_file(&temp);
         return Err(e);
     }
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(path, "fsync its directory"))?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(path, "fsync its directory"))?;
 
     Ok(WriteStats {
         file_bytes: 8 + header.len() as u64 + data_len,
@@ -616,95 +476,49 @@ struct Header {
 fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<Header, SnapshotError> {
     let fname = || file_name(path);
     if file_len < 8 {
-        return Err(SnapshotError::TooShort {
-            file: fname(),
-            len: file_len,
-        });
+        return Err(SnapshotError::TooShort { file: fname(), len: file_len });
     }
     let mut len_bytes = [0u8; 8];
-    file.read_exact(&mut len_bytes)
-        .map_err(io_err(path, "read header length"))?;
+    file.read_exact(&mut len_bytes).map_err(io_err(path, "read header length"))?;
     let header_len = u64::from_le_bytes(len_bytes);
     // Checked before allocating, so a huge length cannot exhaust memory.
     if header_len > file_len - 8 || header_len > MAX_HEADER_BYTES {
-        return Err(SnapshotError::HeaderLength {
-            file: fname(),
-            header_len,
-            file_len,
-        });
+        return Err(SnapshotError::HeaderLength { file: fname(), header_len, file_len });
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header)
-        .map_err(io_err(path, "read header"))?;
-    let metadata: Metadata =
-        serde_json::from_slice(&header).map_err(|e| SnapshotError::Header {
-            file: fname(),
-            reason: e.to_string(),
-        })?;
+    file.read_exact(&mut header).map_err(io_err(path, "read header"))?;
+    let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| SnapshotError::Header { file: fname(), reason: e.to_string() })?;
     let data_start = 8 + header_len;
     let available = file_len - data_start;
     if metadata.data_len() as u64 != available {
-        return Err(SnapshotError::DataLength {
-            file: fname(),
-            data_len: metadata.data_len() as u64,
-            available,
-        });
+        return Err(SnapshotError::DataLength { file: fname(), data_len: metadata.data_len() as u64, available });
     }
 
     let kv = metadata.metadata().as_ref();
-    let get = |key: &'static str| {
-        kv.and_then(|m| m.get(key))
-            .ok_or_else(|| SnapshotError::NotSnapshot { file: fname(), key })
-    };
+    let get = |key: &'static str| kv.and_then(|m| m.get(key)).ok_or_else(|| SnapshotError::NotSnapshot { file: fname(), key });
     let format = get("format")?;
     if format != FORMAT_NAME {
-        return Err(SnapshotError::BadMetadata {
-            file: fname(),
-            key: "format",
-            reason: format!("is '{format}', expected '{FORMAT_NAME}'"),
-        });
+        return Err(SnapshotError::BadMetadata { file: fname(), key: "format", reason: format!("is '{format}', expected '{FORMAT_NAME}'") });
     }
     let version = get("format_version")?;
     if version.parse::<u32>().ok() != Some(FORMAT_VERSION) {
-        return Err(SnapshotError::Version {
-            file: fname(),
-            found: version.clone(),
-        });
+        return Err(SnapshotError::Version { file: fname(), found: version.clone() });
     }
     let meta: SnapshotMeta =
-        serde_json::from_str(get("driftwood")?).map_err(|e| SnapshotError::BadMetadata {
-            file: fname(),
-            key: "driftwood",
-            reason: e.to_string(),
-        })?;
+        serde_json::from_str(get("driftwood")?).map_err(|e| SnapshotError::BadMetadata { file: fname(), key: "driftwood", reason: e.to_string() })?;
     if meta.format_version != FORMAT_VERSION {
-        return Err(SnapshotError::Version {
-            file: fname(),
-            found: meta.format_version.to_string(),
-        });
+        return Err(SnapshotError::Version { file: fname(), found: meta.format_version.to_string() });
     }
-    let invalid = |what: String| SnapshotError::Invalid {
-        file: fname(),
-        what,
-    };
+    let invalid = |what: String| SnapshotError::Invalid { file: fname(), what };
     check_meta(&meta, &invalid)?;
 
     let n_pages = check_tensors(path, &meta, &metadata)?;
-    Ok(Header {
-        meta,
-        metadata,
-        data_start,
-        n_pages,
-    })
+    Ok(Header { meta, metadata, data_start, n_pages })
 }
 
 /// Checks that the file holds exactly the tensors `meta` calls for, with the right dtypes and
 /// shapes. Returns the number of stored memory pages.
-fn check_tensors(
-    path: &Path,
-    meta: &SnapshotMeta,
-    metadata: &Metadata,
-) -> Result<usize, SnapshotError> {
+fn check_tensors(path: &Path, meta: &SnapshotMeta, metadata: &Metadata) -> Result<usize, SnapshotError> {
     let fname = || file_name(path);
     let tensors = metadata.tensors();
     let total_pages = (meta.memory_bytes / PAGE_BYTES as u64) as usize;
@@ -729,109 +543,49 @@ fn check_tensors(
     let mut expected: Vec<(String, Dtype, Vec<usize>, String)> = Vec::new();
     const MODULE_SHAPE: &str = "[module_len] with module_len ≥ 1";
     match tensors.get(T_MODULE) {
-        None => {
-            return Err(SnapshotError::MissingTensor {
-                file: fname(),
-                name: T_MODULE.into(),
-                reason: "every snapshot carries its module".into(),
-            })
-        }
+        None => return Err(SnapshotError::MissingTensor { file: fname(), name: T_MODULE.into(), reason: "every snapshot carries its module".into() }),
         Some(info) if !matches!(info.shape.as_slice(), [n] if *n >= 1) => {
-            return Err(SnapshotError::TensorShape {
-                file: fname(),
-                name: T_MODULE.into(),
-                shape: info.shape.clone(),
-                expected: MODULE_SHAPE.into(),
-            })
+            return Err(SnapshotError::TensorShape { file: fname(), name: T_MODULE.into(), shape: info.shape.clone(), expected: MODULE_SHAPE.into() })
         }
-        Some(info) => expected.push((
-            T_MODULE.into(),
-            Dtype::U8,
-            info.shape.clone(),
-            MODULE_SHAPE.into(),
-        )),
+        Some(info) => expected.push((T_MODULE.into(), Dtype::U8, info.shape.clone(), MODULE_SHAPE.into())),
     }
     if n_pages > 0 {
         let why = format!("{n_pages} pages in {T_PAGE_INDEX}");
-        expected.push((
-            T_PAGES.into(),
-            Dtype::U8,
-            vec![n_pages, PAGE_BYTES],
-            why.clone(),
-        ));
+        expected.push((T_PAGES.into(), Dtype::U8, vec![n_pages, PAGE_BYTES], why.clone()));
         expected.push((T_PAGE_INDEX.into(), Dtype::U32, vec![n_pages], why));
     }
     if let (Some(m), true) = (&meta.model, meta.kv_len > 0) {
-        expected.push((
-            T_TOKENS.into(),
-            Dtype::U32,
-            vec![meta.kv_len],
-            format!("kv_len {}", meta.kv_len),
-        ));
+        expected.push((T_TOKENS.into(), Dtype::U32, vec![meta.kv_len], format!("kv_len {}", meta.kv_len)));
         for layer in 0..m.n_layers {
             for which in ['k', 'v'] {
-                expected.push((
-                    kv_name(layer, which),
-                    Dtype::F16,
-                    vec![meta.kv_len, m.kv_dim],
-                    format!("kv_len {} × kv_dim {}", meta.kv_len, m.kv_dim),
-                ));
+                expected.push((kv_name(layer, which), Dtype::F16, vec![meta.kv_len, m.kv_dim], format!("kv_len {} × kv_dim {}", meta.kv_len, m.kv_dim)));
             }
         }
     }
     if let (Some(m), Some(_)) = (&meta.model, tensors.get(T_LOGITS)) {
-        expected.push((
-            T_LOGITS.into(),
-            Dtype::F32,
-            vec![m.vocab_size],
-            format!("vocab_size {}", m.vocab_size),
-        ));
+        expected.push((T_LOGITS.into(), Dtype::F32, vec![m.vocab_size], format!("vocab_size {}", m.vocab_size)));
     }
 
     for (name, dtype, shape, why) in &expected {
         let Some(info) = tensors.get(name.as_str()) else {
-            return Err(SnapshotError::MissingTensor {
-                file: fname(),
-                name: name.clone(),
-                reason: format!("metadata says {why}"),
-            });
+            return Err(SnapshotError::MissingTensor { file: fname(), name: name.clone(), reason: format!("metadata says {why}") });
         };
         if info.dtype != *dtype {
-            return Err(SnapshotError::TensorDtype {
-                file: fname(),
-                name: name.clone(),
-                found: info.dtype.to_string(),
-                expected: dtype.to_string(),
-            });
+            return Err(SnapshotError::TensorDtype { file: fname(), name: name.clone(), found: info.dtype.to_string(), expected: dtype.to_string() });
         }
         if info.shape != *shape {
-            return Err(SnapshotError::TensorShape {
-                file: fname(),
-                name: name.clone(),
-                shape: info.shape.clone(),
-                expected: why.clone(),
-            });
+            return Err(SnapshotError::TensorShape { file: fname(), name: name.clone(), shape: info.shape.clone(), expected: why.clone() });
         }
     }
     if tensors.len() != expected.len() {
-        let mut extra: Vec<&String> = tensors
-            .keys()
-            .filter(|k| !expected.iter().any(|(name, ..)| name == *k))
-            .collect();
+        let mut extra: Vec<&String> = tensors.keys().filter(|k| !expected.iter().any(|(name, ..)| name == *k)).collect();
         extra.sort();
         let name = extra.first().map_or_else(String::new, |s| (*s).clone());
         let reason = match (&meta.model, meta.kv_len) {
             (None, _) => "metadata has no model".to_string(),
-            (Some(m), kv_len) => format!(
-                "metadata says {} layers, kv_len {kv_len}, {n_pages} memory pages",
-                m.n_layers
-            ),
+            (Some(m), kv_len) => format!("metadata says {} layers, kv_len {kv_len}, {n_pages} memory pages", m.n_layers),
         };
-        return Err(SnapshotError::UnexpectedTensor {
-            file: fname(),
-            name,
-            reason,
-        });
+        return Err(SnapshotError::UnexpectedTensor { file: fname(), name, reason });
     }
     Ok(n_pages)
 }
@@ -867,27 +621,15 @@ pub fn read_meta(path: &Path) -> Result<(SnapshotMeta, Vec<TensorSummary>), Snap
 }
 
 /// Reads `name`'s bytes. The header check guarantees the tensor exists and lies inside the file.
-fn tensor_bytes(
-    path: &Path,
-    file: &mut File,
-    header: &Header,
-    name: &str,
-    buf: &mut Vec<u8>,
-) -> Result<(), SnapshotError> {
-    let (start, end) = header
-        .metadata
-        .info(name)
-        .map(|i| i.data_offsets)
-        .ok_or_else(|| SnapshotError::MissingTensor {
-            file: file_name(path),
-            name: name.into(),
-            reason: "lost after validation".into(),
-        })?;
+fn tensor_bytes(path: &Path, file: &mut File, header: &Header, name: &str, buf: &mut Vec<u8>) -> Result<(), SnapshotError> {
+    let (start, end) = header.metadata.info(name).map(|i| i.data_offsets).ok_or_else(|| SnapshotError::MissingTensor {
+        file: file_name(path),
+        name: name.into(),
+        reason: "lost after validation".into(),
+    })?;
     buf.clear();
     buf.resize(end - start, 0);
-    file.seek(SeekFrom::Start(header.data_start + start as u64))
-        .and_then(|_| file.read_exact(buf))
-        .map_err(io_err(path, "read tensor data"))
+    file.seek(SeekFrom::Start(header.data_start + start as u64)).and_then(|_| file.read_exact(buf)).map_err(io_err(path, "read tensor data"))
 }
 
 fn decode<T, const N: usize>(bytes: &[u8], from_le: impl Fn([u8; N]) -> T) -> Vec<T> {
@@ -931,20 +673,11 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
     tensor_bytes(path, &mut file, &header, T_MODULE, &mut module)?;
     let actual = module_sha256(&module);
     if actual != meta.module_sha256 {
-        return Err(SnapshotError::ModuleHash {
-            file: fname(),
-            actual,
-            expected: meta.module_sha256.clone(),
-        });
+        return Err(SnapshotError::ModuleHash { file: fname(), actual, expected: meta.module_sha256.clone() });
     }
 
-    let mut memory = zeroed(meta.memory_bytes).ok_or_else(|| SnapshotError::Invalid {
-        file: fname(),
-        what: format!(
-            "cannot allocate {} bytes of linear memory",
-            meta.memory_bytes
-        ),
-    })?;
+    let mut memory = zeroed(meta.memory_bytes)
+        .ok_or_else(|| SnapshotError::Invalid { file: fname(), what: format!("cannot allocate {} bytes of linear memory", meta.memory_bytes) })?;
     if header.n_pages > 0 {
         tensor_bytes(path, &mut file, &header, T_PAGE_INDEX, &mut buf)?;
         let index = decode(&buf, u32::from_le_bytes);
@@ -952,19 +685,14 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
         let mut prev: Option<u32> = None;
         for &page in &index {
             let what = if page as usize >= total_pages {
-                format!(
-                    "{T_PAGE_INDEX} entry {page} is out of range (memory has {total_pages} pages)"
-                )
+                format!("{T_PAGE_INDEX} entry {page} is out of range (memory has {total_pages} pages)")
             } else if let Some(p) = prev.filter(|&p| p >= page) {
                 format!("{T_PAGE_INDEX} is not strictly increasing: {p} then {page}")
             } else {
                 prev = Some(page);
                 continue;
             };
-            return Err(SnapshotError::Invalid {
-                file: fname(),
-                what,
-            });
+            return Err(SnapshotError::Invalid { file: fname(), what });
         }
         tensor_bytes(path, &mut file, &header, T_PAGES, &mut buf)?;
         for (&page, data) in index.iter().zip(buf.chunks_exact(PAGE_BYTES)) {
@@ -998,14 +726,7 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
         }
     }
 
-    Ok(Snapshot {
-        meta: header.meta,
-        module,
-        memory,
-        tokens,
-        kv,
-        logits,
-    })
+    Ok(Snapshot { meta: header.meta, module, memory, tokens, kv, logits })
 }
 
 #[cfg(test)]
@@ -1030,14 +751,7 @@ mod tests {
     }
 
     /// A snapshot with `pages` pages of memory of which `nonzero` (spread out) hold data.
-    fn sample(
-        n_layers: usize,
-        kv_dim: usize,
-        kv_len: usize,
-        vocab: usize,
-        pages: usize,
-        nonzero: &[usize],
-    ) -> Snapshot {
+    fn sample(n_layers: usize, kv_dim: usize, kv_len: usize, vocab: usize, pages: usize, nonzero: &[usize]) -> Snapshot {
         let mut rng = Rng(42);
         let module = b"\0asm\x01\0\0\0 pretend module".to_vec();
         let mut memory = vec![0u8; pages * PAGE_BYTES];
@@ -1048,11 +762,7 @@ mod tests {
         }
         let kv = (0..n_layers)
             .map(|_| {
-                let mut t = || {
-                    (0..kv_len * kv_dim)
-                        .map(|_| rng.next() as u16)
-                        .collect::<Vec<_>>()
-                };
+                let mut t = || (0..kv_len * kv_dim).map(|_| rng.next() as u16).collect::<Vec<_>>();
                 (t(), t())
             })
             .collect();
@@ -1064,10 +774,7 @@ mod tests {
                 actor_name: "echo".into(),
                 module_sha256: module_sha256(&module),
                 memory_bytes: memory.len() as u64,
-                globals: vec![
-                    (0, GlobalValue::I32(-7)),
-                    (2, GlobalValue::F64(f64::NAN.to_bits() | 1)),
-                ],
+                globals: vec![(0, GlobalValue::I32(-7)), (2, GlobalValue::F64(f64::NAN.to_bits() | 1))],
                 model: Some(ModelRef {
                     name: "tiny".into(),
                     architecture: "llama".into(),
@@ -1077,9 +784,7 @@ mod tests {
                     kv_dim,
                     vocab_size: vocab,
                 }),
-                sampler: Some(
-                    serde_json::json!({"temperature": 0.5, "seed": u64::MAX, "rng": [1, 2]}),
-                ),
+                sampler: Some(serde_json::json!({"temperature": 0.5, "seed": u64::MAX, "rng": [1, 2]})),
                 kv_len,
                 conversation_text: Some("user: hi\nassistant: \"hello\" ✓".into()),
             },
@@ -1100,38 +805,20 @@ mod tests {
     }
 
     /// Re-serialises the safetensors file `bytes` after `edit` changes its tensors or metadata.
-    fn rewrite(
-        bytes: &[u8],
-        edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>),
-    ) -> Vec<u8> {
+    fn rewrite(bytes: &[u8], edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>)) -> Vec<u8> {
         let st = SafeTensors::deserialize(bytes).expect("valid input");
         let (_, md) = SafeTensors::read_metadata(bytes).expect("valid input");
         let mut meta = md.metadata().clone().unwrap_or_default();
-        let mut tensors: Vec<_> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-            .collect();
+        let mut tensors: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
         edit(&mut tensors, &mut meta);
-        let views: Vec<_> = tensors
-            .iter()
-            .map(|(n, d, s, b)| {
-                (
-                    n.clone(),
-                    TensorView::new(*d, s.clone(), b).expect("consistent edit"),
-                )
-            })
-            .collect();
+        let views: Vec<_> = tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("consistent edit"))).collect();
         safetensors::serialize(views, Some(meta)).expect("serialize")
     }
 
     fn edit_meta(meta: &mut HashMap<String, String>, f: impl FnOnce(&mut SnapshotMeta)) {
         let mut m: SnapshotMeta = serde_json::from_str(&meta["driftwood"]).expect("meta json");
         f(&mut m);
-        meta.insert(
-            "driftwood".into(),
-            serde_json::to_string(&m).expect("encode"),
-        );
+        meta.insert("driftwood".into(), serde_json::to_string(&m).expect("encode"));
     }
 
     fn read_err(dir: &Path, bytes: &[u8]) -> String {
@@ -1148,7 +835,7 @@ mod tests {
         let dir = tempdir();
         for snap in [
             small(),
-            sample(2, 4, 0, 16, 1, &[]), // model, empty KV cache, no stored pages
+            sample(2, 4, 0, 16, 1, &[]),    // model, empty KV cache, no stored pages
             sample(1, 4, 3, 0, 2, &[0, 1]), // no logits
         ] {
             let mut snap = snap;
@@ -1157,10 +844,7 @@ mod tests {
             }
             let path = dir.path().join("snap.dws");
             let stats = write(&path, &snap).expect("write");
-            assert_eq!(
-                stats.file_bytes,
-                std::fs::metadata(&path).expect("stat").len()
-            );
+            assert_eq!(stats.file_bytes, std::fs::metadata(&path).expect("stat").len());
             let back = read(&path).expect("read");
             assert_eq!(back, snap);
         }
@@ -1202,15 +886,9 @@ mod tests {
         assert_eq!(stats.memory_bytes, 1 << 20);
         assert_eq!(stats.stored_memory_bytes, 2 * PAGE_BYTES as u64);
         let len = std::fs::metadata(&path).expect("stat").len();
-        assert!(
-            len > 2 * PAGE_BYTES as u64 && len < 2 * PAGE_BYTES as u64 + 4096,
-            "file is {len} bytes"
-        );
+        assert!(len > 2 * PAGE_BYTES as u64 && len < 2 * PAGE_BYTES as u64 + 4096, "file is {len} bytes");
         let (_, tensors) = read_meta(&path).expect("read_meta");
-        let index = tensors
-            .iter()
-            .find(|t| t.name == T_PAGE_INDEX)
-            .expect("page index");
+        let index = tensors.iter().find(|t| t.name == T_PAGE_INDEX).expect("page index");
         assert_eq!(index.shape, [2]);
         assert_eq!(read(&path).expect("read").memory, snap.memory);
     }
@@ -1223,10 +901,7 @@ mod tests {
         let (meta, tensors) = read_meta(&path).expect("read_meta");
         assert_eq!(meta, small().meta);
         let kv = tensors.iter().find(|t| t.name == "kv.3.v").expect("kv.3.v");
-        assert_eq!(
-            (kv.dtype.as_str(), kv.shape.as_slice(), kv.bytes),
-            ("F16", &[13, 8][..], 13 * 8 * 2)
-        );
+        assert_eq!((kv.dtype.as_str(), kv.shape.as_slice(), kv.bytes), ("F16", &[13, 8][..], 13 * 8 * 2));
         assert_eq!(tensors.len(), 1 + 2 + 1 + 8 + 1);
     }
 
@@ -1238,18 +913,12 @@ mod tests {
         write(&path, &snap).expect("write");
         let bytes = std::fs::read(&path).expect("read back");
         let bad = rewrite(&bytes, |tensors, _| {
-            let t = tensors
-                .iter_mut()
-                .find(|t| t.0 == "kv.3.k")
-                .expect("kv.3.k");
+            let t = tensors.iter_mut().find(|t| t.0 == "kv.3.k").expect("kv.3.k");
             t.2 = vec![12, 192];
             t.3.truncate(12 * 192 * 2);
         });
         let msg = read_err(dir.path(), &bad);
-        let want = format!(
-            "{}: tensor 'kv.3.k' has shape [12, 192], metadata says kv_len 13 × kv_dim 192",
-            dir.path().join("snap.dws").display()
-        );
+        let want = format!("{}: tensor 'kv.3.k' has shape [12, 192], metadata says kv_len 13 × kv_dim 192", dir.path().join("snap.dws").display());
         assert_eq!(msg, want);
     }
 
@@ -1259,8 +928,7 @@ mod tests {
         let path = dir.path().join("snap.dws");
         write(&path, &small()).expect("write");
         let good = std::fs::read(&path).expect("read back");
-        type Edit =
-            fn(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>);
+        type Edit = fn(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>, &mut HashMap<String, String>);
         let cases: [(Edit, &str); _] = [
             (
                 |_, m| {
@@ -1274,48 +942,16 @@ mod tests {
                 },
                 "not a driftwood snapshot: __metadata__ has no 'driftwood'",
             ),
+            (|t, _| t.retain(|t| t.0 != "kv.2.v"), "missing tensor 'kv.2.v' (metadata says kv_len 13 × kv_dim 8)"),
+            (|t, _| t.push(("kv.4.k".into(), Dtype::F16, vec![13, 8], vec![0; 13 * 16])), "unexpected tensor 'kv.4.k'"),
+            (|t, _| t.iter_mut().filter(|t| t.0 == T_TOKENS).for_each(|t| t.1 = Dtype::I32), "tensor 'conversation.tokens' has dtype I32, expected U32"),
+            (|_, m| edit_meta(m, |m| m.module_sha256 = "00".repeat(32)), "module sha256 is"),
+            (|_, m| edit_meta(m, |m| m.memory_bytes = 0), "tensor 'actor.memory.page_index' has shape [1]"),
+            (|_, m| edit_meta(m, |m| m.memory_bytes = 65537), "memory_bytes 65537 is not a multiple of 65536"),
+            (|_, m| edit_meta(m, |m| m.model.as_mut().expect("model").n_layers = 1 << 40), "model.n_layers 1099511627776 is not in"),
+            (|_, m| edit_meta(m, |m| m.globals.reverse()), "globals are not strictly increasing"),
             (
-                |t, _| t.retain(|t| t.0 != "kv.2.v"),
-                "missing tensor 'kv.2.v' (metadata says kv_len 13 × kv_dim 8)",
-            ),
-            (
-                |t, _| t.push(("kv.4.k".into(), Dtype::F16, vec![13, 8], vec![0; 13 * 16])),
-                "unexpected tensor 'kv.4.k'",
-            ),
-            (
-                |t, _| {
-                    t.iter_mut()
-                        .filter(|t| t.0 == T_TOKENS)
-                        .for_each(|t| t.1 = Dtype::I32)
-                },
-                "tensor 'conversation.tokens' has dtype I32, expected U32",
-            ),
-            (
-                |_, m| edit_meta(m, |m| m.module_sha256 = "00".repeat(32)),
-                "module sha256 is",
-            ),
-            (
-                |_, m| edit_meta(m, |m| m.memory_bytes = 0),
-                "tensor 'actor.memory.page_index' has shape [1]",
-            ),
-            (
-                |_, m| edit_meta(m, |m| m.memory_bytes = 65537),
-                "memory_bytes 65537 is not a multiple of 65536",
-            ),
-            (
-                |_, m| edit_meta(m, |m| m.model.as_mut().expect("model").n_layers = 1 << 40),
-                "model.n_layers 1099511627776 is not in",
-            ),
-            (
-                |_, m| edit_meta(m, |m| m.globals.reverse()),
-                "globals are not strictly increasing",
-            ),
-            (
-                |t, _| {
-                    t.iter_mut()
-                        .filter(|t| t.0 == T_PAGE_INDEX)
-                        .for_each(|t| t.3 = 7u32.to_le_bytes().to_vec())
-                },
+                |t, _| t.iter_mut().filter(|t| t.0 == T_PAGE_INDEX).for_each(|t| t.3 = 7u32.to_le_bytes().to_vec()),
                 "actor.memory.page_index entry 7 is out of range (memory has 3 pages)",
             ),
             (
@@ -1323,12 +959,7 @@ mod tests {
                     // Two stored pages, both claiming page 1.
                     for t in t.iter_mut() {
                         if t.0 == T_PAGE_INDEX {
-                            *t = (
-                                t.0.clone(),
-                                Dtype::U32,
-                                vec![2],
-                                [1u32, 1].iter().flat_map(|p| p.to_le_bytes()).collect(),
-                            );
+                            *t = (t.0.clone(), Dtype::U32, vec![2], [1u32, 1].iter().flat_map(|p| p.to_le_bytes()).collect());
                         } else if t.0 == T_PAGES {
                             t.2 = vec![2, PAGE_BYTES];
                             t.3 = vec![1; 2 * PAGE_BYTES];
@@ -1351,12 +982,8 @@ mod tests {
         let mut bytes = vec![0u8; 64];
         bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         let msg = read_err(dir.path(), &bytes);
-        assert!(
-            msg.ends_with("header length 18446744073709551615 does not fit in a 64-byte file"),
-            "{msg}"
-        );
-        assert!(read_err(dir.path(), b"abc")
-            .ends_with("3-byte file is too short for a safetensors header"));
+        assert!(msg.ends_with("header length 18446744073709551615 does not fit in a 64-byte file"), "{msg}");
+        assert!(read_err(dir.path(), b"abc").ends_with("3-byte file is too short for a safetensors header"));
     }
 
     #[test]
@@ -1368,32 +995,19 @@ mod tests {
 
         let mut bad = small();
         bad.tokens.pop();
-        let msg = write(&path, &bad)
-            .expect_err("inconsistent snapshot")
-            .to_string();
-        assert!(
-            msg.ends_with("snapshot to write is inconsistent: 12 tokens, kv_len is 13"),
-            "{msg}"
-        );
+        let msg = write(&path, &bad).expect_err("inconsistent snapshot").to_string();
+        assert!(msg.ends_with("snapshot to write is inconsistent: 12 tokens, kv_len is 13"), "{msg}");
         assert_eq!(std::fs::read(&path).expect("read back"), before);
 
         // Renaming over a non-empty directory fails after the temp file is complete.
         let blocked = dir.path().join("blocked.dws");
         std::fs::create_dir(&blocked).expect("mkdir");
         std::fs::write(blocked.join("keep"), b"x").expect("write");
-        let msg = write(&blocked, &small())
-            .expect_err("rename onto a directory")
-            .to_string();
+        let msg = write(&blocked, &small()).expect_err("rename onto a directory").to_string();
         assert!(msg.contains("cannot rename temp file over it"), "{msg}");
 
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .expect("list")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(
-            names.iter().all(|n| !n.contains(".tmp-")),
-            "temp files left behind: {names:?}"
-        );
+        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp-")), "temp files left behind: {names:?}");
         assert_eq!(read(&path).expect("read"), small());
     }
 
@@ -1431,10 +1045,7 @@ mod tests {
             match read(&path) {
                 Ok(_) => ok += 1,
                 Err(e) => {
-                    assert!(
-                        e.to_string().starts_with(&path.display().to_string()),
-                        "{e}"
-                    );
+                    assert!(e.to_string().starts_with(&path.display().to_string()), "{e}");
                     err += 1
                 }
             }
@@ -1446,16 +1057,7 @@ mod tests {
             check(&good[..len]);
         }
         // Header lengths that lie.
-        for n in [
-            0,
-            1,
-            7,
-            header_end as u64 - 9,
-            header_end as u64 - 7,
-            good.len() as u64,
-            u64::MAX,
-            1 << 40,
-        ] {
+        for n in [0, 1, 7, header_end as u64 - 9, header_end as u64 - 7, good.len() as u64, u64::MAX, 1 << 40] {
             let mut b = good.clone();
             b[..8].copy_from_slice(&n.to_le_bytes());
             check(&b);
@@ -1464,49 +1066,22 @@ mod tests {
         for _ in 0..1500 {
             let mut b = good.clone();
             for _ in 0..1 + rng.below(4) {
-                let at = if rng.below(4) == 0 {
-                    rng.below(b.len())
-                } else {
-                    rng.below(header_end)
-                };
+                let at = if rng.below(4) == 0 { rng.below(b.len()) } else { rng.below(header_end) };
                 b[at] ^= 1 << rng.below(8);
             }
             check(&b);
         }
         // Header JSON rewritten with lies about shapes, offsets, dtypes and metadata.
-        let header: serde_json::Value =
-            serde_json::from_slice(&good[8..header_end]).expect("header json");
-        let names: Vec<String> = header
-            .as_object()
-            .expect("object")
-            .keys()
-            .cloned()
-            .collect();
-        let big = [
-            0u64,
-            1,
-            2,
-            3,
-            4,
-            12,
-            65536,
-            1 << 32,
-            (1 << 32) + 65536,
-            u32::MAX as u64,
-            u64::MAX / 2,
-            u64::MAX,
-        ];
-        let dtypes = [
-            "U8", "U32", "F16", "F32", "I64", "BOOL", "F4", "F6_E2M3", "nope",
-        ];
+        let header: serde_json::Value = serde_json::from_slice(&good[8..header_end]).expect("header json");
+        let names: Vec<String> = header.as_object().expect("object").keys().cloned().collect();
+        let big = [0u64, 1, 2, 3, 4, 12, 65536, 1 << 32, (1 << 32) + 65536, u32::MAX as u64, u64::MAX / 2, u64::MAX];
+        let dtypes = ["U8", "U32", "F16", "F32", "I64", "BOOL", "F4", "F6_E2M3", "nope"];
         for _ in 0..1500 {
             let mut h = header.clone();
             let name = &names[rng.below(names.len())];
             let entry = &mut h[name.as_str()];
             if name == "__metadata__" {
-                let mut m: serde_json::Value =
-                    serde_json::from_str(entry["driftwood"].as_str().unwrap_or("{}"))
-                        .unwrap_or_default();
+                let mut m: serde_json::Value = serde_json::from_str(entry["driftwood"].as_str().unwrap_or("{}")).unwrap_or_default();
                 let v = serde_json::json!(big[rng.below(big.len())]);
                 match rng.below(8) {
                     0 => m["kv_len"] = v,
@@ -1528,29 +1103,19 @@ mod tests {
                     1 => {
                         let shape = entry["shape"].as_array_mut().expect("shape");
                         if let Some(d) = shape.first_mut() {
-                            *d = serde_json::json!(d
-                                .as_u64()
-                                .unwrap_or(0)
-                                .wrapping_add(rng.below(3) as u64)
-                                .saturating_sub(1));
+                            *d = serde_json::json!(d.as_u64().unwrap_or(0).wrapping_add(rng.below(3) as u64).saturating_sub(1));
                         }
                     }
                     2 => {
                         let o = &mut entry["data_offsets"];
                         let i = rng.below(2);
                         let cur = o[i].as_u64().unwrap_or(0);
-                        o[i] = serde_json::json!(if rng.below(2) == 0 {
-                            big[rng.below(big.len())]
-                        } else {
-                            cur ^ (1 << rng.below(20))
-                        });
+                        o[i] = serde_json::json!(if rng.below(2) == 0 { big[rng.below(big.len())] } else { cur ^ (1 << rng.below(20)) });
                     }
                     3 => entry["dtype"] = serde_json::json!(dtypes[rng.below(dtypes.len())]),
                     4 => {
                         let v = entry.clone();
-                        h.as_object_mut()
-                            .expect("object")
-                            .insert(format!("kv.{}.k", rng.below(4)), v);
+                        h.as_object_mut().expect("object").insert(format!("kv.{}.k", rng.below(4)), v);
                     }
                     _ => {
                         h.as_object_mut().expect("object").remove(name);

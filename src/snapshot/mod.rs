@@ -71,7 +71,10 @@ pub fn capture(actor: &mut Actor) -> Result<Snapshot, ThawError> {
     let name = actor.module.name.clone();
     let mut globals = Vec::new();
     for (index, val) in actor.global_values()? {
-        let g = to_global(&val).ok_or_else(|| ThawError::Mismatch { path: name.clone(), reason: format!("global {index} holds a reference or vector value, which a snapshot cannot carry") })?;
+        let g = to_global(&val).ok_or_else(|| ThawError::Mismatch {
+            path: name.clone(),
+            reason: format!("global {index} holds a reference or vector value, which a snapshot cannot carry"),
+        })?;
         globals.push((index, g));
     }
     let memory = actor.memory_bytes();
@@ -147,7 +150,10 @@ pub fn thaw(runtime: &Runtime, path: &Path, snap: Snapshot, session: Option<Sess
             }
             let r = if same {
                 if snap.tokens.len() > s.max_seq() {
-                    return Err(ThawError::Mismatch { path: p, reason: format!("the snapshot holds {} tokens, more than --ctx {}", snap.tokens.len(), s.max_seq()) });
+                    return Err(ThawError::Mismatch {
+                        path: p,
+                        reason: format!("the snapshot holds {} tokens, more than --ctx {}", snap.tokens.len(), s.max_seq()),
+                    });
                 }
                 let backend = s.model.backend.clone();
                 let len = snap.tokens.len();
@@ -170,7 +176,10 @@ pub fn thaw(runtime: &Runtime, path: &Path, snap: Snapshot, session: Option<Sess
                     });
                 }
                 let text = snap.meta.conversation_text.clone().unwrap_or_default();
-                let tokens = s.tokenizer.encode(&text, true).map_err(|e| ThawError::Mismatch { path: p.clone(), reason: format!("re-tokenizing the conversation: {e}") })?;
+                let tokens = s
+                    .tokenizer
+                    .encode(&text, true)
+                    .map_err(|e| ThawError::Mismatch { path: p.clone(), reason: format!("re-tokenizing the conversation: {e}") })?;
                 // A BOS the new tokenizer adds is part of the new cache; an empty conversation has nothing to evaluate.
                 let started = Instant::now();
                 s.eval(&tokens).map_err(|source| ThawError::Engine { path: p.clone(), source })?;

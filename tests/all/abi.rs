@@ -48,7 +48,8 @@ fn gemm_writing_over_its_input_traps() {
 fn gemm_with_zero_dimension_returns_invalid_argument_status() {
     // Status -4 (INVALID_ARGUMENT) is stored at 0 and the actor replies with nothing; check via
     // a guest that traps unless the status matches, so the assertion runs inside the guest.
-    let body = "(if (i32.ne (call $gemm (i32.const 0) (i32.const 64) (i32.const 128) (i32.const 0) (i32.const 4) (i32.const 4)) (i32.const -4)) (then unreachable))";
+    let body =
+        "(if (i32.ne (call $gemm (i32.const 0) (i32.const 64) (i32.const 128) (i32.const 0) (i32.const 4) (i32.const 4)) (i32.const -4)) (then unreachable))";
     let r = run_wat("zero.wat", &wat_actor(GEMM_IMPORT, 1, body));
     r.assert_code(0);
 }
@@ -71,8 +72,11 @@ fn gemm_in_wat_guest_computes_correct_product() {
 
 #[test]
 fn log_with_invalid_utf8_traps() {
-    let wat = wat_actor(LOG_IMPORT, 1, "(call $log (i32.const 2) (i32.const 0) (i32.const 4))")
-        .replacen("(memory (export \"memory\") 1)", "(memory (export \"memory\") 1) (data (i32.const 0) \"ok\\ff\\fe\")", 1);
+    let wat = wat_actor(LOG_IMPORT, 1, "(call $log (i32.const 2) (i32.const 0) (i32.const 4))").replacen(
+        "(memory (export \"memory\") 1)",
+        "(memory (export \"memory\") 1) (data (i32.const 0) \"ok\\ff\\fe\")",
+        1,
+    );
     let r = run_wat("utf8.wat", &wat);
     r.assert_code(1);
     assert!(r.stderr.contains("driftwood::log: `message` is not valid UTF-8 at byte 2"), "{}", r.stderr);
@@ -80,8 +84,11 @@ fn log_with_invalid_utf8_traps() {
 
 #[test]
 fn log_prints_the_message_tagged_with_the_actor() {
-    let wat = wat_actor(LOG_IMPORT, 1, "(call $log (i32.const 1) (i32.const 0) (i32.const 5))")
-        .replacen("(memory (export \"memory\") 1)", "(memory (export \"memory\") 1) (data (i32.const 0) \"hello\")", 1);
+    let wat = wat_actor(LOG_IMPORT, 1, "(call $log (i32.const 1) (i32.const 0) (i32.const 5))").replacen(
+        "(memory (export \"memory\") 1)",
+        "(memory (export \"memory\") 1) (data (i32.const 0) \"hello\")",
+        1,
+    );
     let r = run_wat("log.wat", &wat);
     r.assert_code(0);
     assert!(r.stderr.contains("[log.wat] warn: hello"), "{}", r.stderr);

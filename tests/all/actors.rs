@@ -64,11 +64,7 @@ fn prompt_longer_than_the_context_is_reported_by_the_actor() {
 #[test]
 fn missing_model_says_how_to_fetch_it() {
     let dir = temp_dir();
-    let out = driftwood()
-        .args(["run", example_wasm("chat").to_str().unwrap(), "-p", "hi"])
-        .env("DRIFTWOOD_MODELS", dir.path())
-        .output()
-        .unwrap();
+    let out = driftwood().args(["run", example_wasm("chat").to_str().unwrap(), "-p", "hi"]).env("DRIFTWOOD_MODELS", dir.path()).output().unwrap();
     let r: Run = out.into();
     r.assert_code(2);
     assert!(r.stderr.contains("model 'smollm2-135m' is not downloaded") && r.stderr.contains("bash models/fetch.sh smollm2-135m"), "{}", r.stderr);

@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use driftwood::backend::cpu::CpuBackend;
+use driftwood::bench::XorShift;
 use driftwood::engine::dtype::DType;
 use driftwood::engine::gguf::{GgufWriter, MetaValue};
 use driftwood::engine::load;
 use driftwood::engine::sampler::SamplerConfig;
 use driftwood::engine::Session;
-use driftwood::bench::XorShift;
 
 use crate::common::temp_dir;
 
@@ -53,7 +53,15 @@ fn random_model() -> Tensors {
     };
     t.push(mat("embed", VOCAB, DIM, 1.0));
     for l in 0..LAYERS {
-        for (n, r, c) in [("q", HEADS * HD, DIM), ("k", KV_HEADS * HD, DIM), ("v", KV_HEADS * HD, DIM), ("o", DIM, DIM), ("gate", FFN, DIM), ("up", FFN, DIM), ("down", DIM, FFN)] {
+        for (n, r, c) in [
+            ("q", HEADS * HD, DIM),
+            ("k", KV_HEADS * HD, DIM),
+            ("v", KV_HEADS * HD, DIM),
+            ("o", DIM, DIM),
+            ("gate", FFN, DIM),
+            ("up", FFN, DIM),
+            ("down", DIM, FFN),
+        ] {
             t.push(mat(&format!("{l}.{n}"), r, c, 0.3));
         }
         t.push((format!("{l}.attn_norm"), vec![DIM], (0..DIM).map(|i| 1.0 + 0.01 * i as f32).collect()));
@@ -121,7 +129,13 @@ fn write_gguf(t: &Tensors, path: &Path) {
         }
     };
     for (name, shape, v) in &t.0 {
-        let data = if name.ends_with(".q") { permute_rows(v, HEADS) } else if name.ends_with(".k") { permute_rows(v, KV_HEADS) } else { v.clone() };
+        let data = if name.ends_with(".q") {
+            permute_rows(v, HEADS)
+        } else if name.ends_with(".k") {
+            permute_rows(v, KV_HEADS)
+        } else {
+            v.clone()
+        };
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         w.add_tensor(gguf_name(name), DType::F32, &dims, bytes(&data));
     }
@@ -233,9 +247,12 @@ fn model_swap_is_refused_by_default_and_reprefills_when_asked() {
     tiny_gguf(&tiny);
     let (m, t) = load::load(&tiny, Arc::new(CpuBackend::new(Some(2))), Some("tiny")).unwrap();
     let (m, t) = (Arc::new(m), Arc::new(t));
-    let err = snapshot::thaw(&rt, &snap, format::read(&snap).unwrap(), Some(Session::new(m.clone(), t.clone(), 256, SamplerConfig::default()).unwrap()), false).err().expect("refused");
+    let err = snapshot::thaw(&rt, &snap, format::read(&snap).unwrap(), Some(Session::new(m.clone(), t.clone(), 256, SamplerConfig::default()).unwrap()), false)
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("pass --model explicitly"), "{err}");
-    let (mut thawed, how) = snapshot::thaw(&rt, &snap, format::read(&snap).unwrap(), Some(Session::new(m, t, 256, SamplerConfig::default()).unwrap()), true).unwrap();
+    let (mut thawed, how) =
+        snapshot::thaw(&rt, &snap, format::read(&snap).unwrap(), Some(Session::new(m, t, 256, SamplerConfig::default()).unwrap()), true).unwrap();
     let text = format::read(&snap).unwrap().meta.conversation_text.unwrap();
     match how {
         KvRestore::Reprefilled { new_tokens, .. } => assert_eq!(new_tokens, text.len(), "byte-level tiny vocabulary: one token per byte"),

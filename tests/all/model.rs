@@ -100,7 +100,8 @@ fn logits_and_greedy_tokens_match_llama_cpp() {
             }
             if std::env::var_os("DW_STEPS").is_some() {
                 let top = step["top"].as_array().unwrap();
-                let d: Vec<String> = top.iter().take(3).map(|p| format!("{:+.3}", logits[p[0].as_u64().unwrap() as usize] - p[1].as_f64().unwrap() as f32)).collect();
+                let d: Vec<String> =
+                    top.iter().take(3).map(|p| format!("{:+.3}", logits[p[0].as_u64().unwrap() as usize] - p[1].as_f64().unwrap() as f32)).collect();
                 println!("{name} step {i} pos {}: {}", step["pos"], d.join(" "));
             }
             if i + 1 < steps.len() {

@@ -110,7 +110,11 @@ fn module_missing_actor_exports_is_rejected_naming_them() {
     let path = write_file(dir.path(), "bare.wat", r#"(module (memory (export "memory") 1) (func (export "run")))"#);
     let r = run(&["run", &path]);
     r.assert_code(2);
-    assert!(r.stderr.contains("bare.wat: not a driftwood actor: missing exports `driftwood_handle` (i32, i32) -> (i64), `driftwood_alloc` (i32) -> (i32)"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("bare.wat: not a driftwood actor: missing exports `driftwood_handle` (i32, i32) -> (i64), `driftwood_alloc` (i32) -> (i32)"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

@@ -140,7 +140,11 @@ fn killing_a_save_never_damages_the_previous_snapshot() {
     // A big actor (three 1500×1500 f32 matrices of random data) takes a while to save; kill it at
     // different moments and check the file under the final name is always a whole snapshot.
     for delay_ms in [150u64, 300, 450, 600, 900] {
-        let mut child = driftwood().args(["run", gemm.to_str().unwrap(), "-p", "1500", "--save", snap.to_str().unwrap()]).stdout(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = driftwood()
+            .args(["run", gemm.to_str().unwrap(), "-p", "1500", "--save", snap.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill();
         let _ = child.wait();

@@ -65,11 +65,7 @@ impl Actor for Gemm {
             }
         }
         let check_ms = t1.elapsed().as_secs_f64() * 1e3;
-        format!(
-            "gemm {m}x{n}x{k}: errors={errors}/{} max_abs_err={max_err:.2e} host_ms={host_ms:.3} check_ms={check_ms:.3} run={}",
-            m * n,
-            self.runs
-        )
+        format!("gemm {m}x{n}x{k}: errors={errors}/{} max_abs_err={max_err:.2e} host_ms={host_ms:.3} check_ms={check_ms:.3} run={}", m * n, self.runs)
     }
 }
 

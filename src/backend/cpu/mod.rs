@@ -236,7 +236,6 @@ impl Backend for CpuBackend {
     }
 }
 
-
 impl CpuBackend {
     fn products(&self, ws: &[&Linear], outs: &mut [&mut Buffer], n_tokens: usize, cols: usize, xq: &QuantizedActivations) -> Result<(), BackendError> {
         if n_tokens == 1 {

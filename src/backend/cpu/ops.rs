@@ -166,7 +166,10 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], kv: &mut KvLayer, out: &mut [f
     let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, scores } = kv;
     let (hd, nh, nkv) = (s.head_dim, s.n_heads, s.n_kv_heads);
     if s.pos0 + s.n_tokens > *max_seq {
-        return Err(BackendError::InvalidArgument { op: "attention", reason: format!("positions up to {} exceed the cache of {max_seq}", s.pos0 + s.n_tokens) });
+        return Err(BackendError::InvalidArgument {
+            op: "attention",
+            reason: format!("positions up to {} exceed the cache of {max_seq}", s.pos0 + s.n_tokens),
+        });
     }
     debug_assert_eq!(*kv_dim, nkv * hd);
     let kvd = *kv_dim;

@@ -69,9 +69,7 @@ pub fn isa() -> Isa {
 fn detect_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        let avx2 = is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c");
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
         let avx512 = avx2
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
@@ -91,10 +89,7 @@ fn detect_isa() -> Isa {
 #[cfg(test)]
 fn available_isas() -> Vec<Isa> {
     let best = detect_isa();
-    [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-        .into_iter()
-        .filter(|&i| i <= best)
-        .collect()
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -149,19 +144,13 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
 fn check_row(what: &str, dtype: DType, n: usize, bytes: usize) {
     let need = dtype.row_bytes(n);
-    assert!(
-        need == Some(bytes),
-        "{what}: {n} {dtype} elements need {need:?} bytes, got {bytes}"
-    );
+    assert!(need == Some(bytes), "{what}: {n} {dtype} elements need {need:?} bytes, got {bytes}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -220,11 +209,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
             for (b, o) in src.chunks_exact(bs).zip(dst.chunks_exact_mut(QK_K)) {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
                 let scales = &b[4..16];
-                let (qh, ql) = if five {
-                    (&b[16..48], &b[48..176])
-                } else {
-                    (&b[0..0], &b[16..144])
-                };
+                let (qh, ql) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
                 for j in 0..4 {
                     let (sc1, m1) = scale_min_k4(2 * j, scales);
                     let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
@@ -362,16 +347,7 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
 /// ggml's `make_qkx2_quants`: asymmetric `nmax`-level quantization of one sub-block, searching
 /// the scale that minimizes the weighted error. Returns (scale, -min).
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
-    x: &[f32],
-    weights: &[f32],
-    nmax: i32,
-    l_out: &mut [u8],
-    laux: &mut [u8],
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> (f32, f32) {
+fn make_qkx2_quants(x: &[f32], weights: &[f32], nmax: i32, l_out: &mut [u8], laux: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
     let n = x.len();
     let (mut min, mut max) = (x[0], x[0]);
     let (mut sum_w, mut sum_x) = (weights[0], weights[0] * x[0]);
@@ -452,26 +428,13 @@ fn quantize_block_q45_k(five: bool, x: &[f32], b: &mut [u8]) {
         for (w, v) in weights.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
-        let (s, m) = make_qkx2_quants(
-            xs,
-            &weights,
-            nmax,
-            &mut l[32 * j..32 * j + 32],
-            &mut laux,
-            rmin,
-            0.1,
-            nstep,
-        );
+        let (s, m) = make_qkx2_quants(xs, &weights, nmax, &mut l[32 * j..32 * j + 32], &mut laux, rmin, 0.1, nstep);
         scales[j] = s;
         mins[j] = m;
         max_scale = max_scale.max(s);
         max_min = max_min.max(m);
     }
-    let inv_scale = if max_scale > 0.0 {
-        63.0 / max_scale
-    } else {
-        0.0
-    };
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let sc = &mut b[4..16];
     sc.fill(0);
@@ -732,11 +695,7 @@ impl QuantizedActivations {
     /// Panics if `x.len() != n_tokens * cols` or `cols` is not a multiple of the weight type's
     /// block size (caller bugs: shapes are validated at model load).
     pub fn quantize_batch(&mut self, weight_dtype: DType, x: &[f32], n_tokens: usize, cols: usize) {
-        assert_eq!(
-            x.len(),
-            n_tokens * cols,
-            "quantize_batch: {n_tokens} tokens × {cols} cols"
-        );
+        assert_eq!(x.len(), n_tokens * cols, "quantize_batch: {n_tokens} tokens × {cols} cols");
         assert!(
             cols.is_multiple_of(weight_dtype.block_elems()),
             "quantize_batch: {cols} cols is not a multiple of the {weight_dtype} block size {}",
@@ -784,39 +743,21 @@ impl QuantizedActivations {
     fn token(&self, t: usize) -> Act<'_> {
         let c = self.cols;
         let (f, q, ds, dk, bs) = match self.kind {
-            ActKind::F32 | ActKind::F16 | ActKind::BF16 => {
-                (c * t..c * (t + 1), 0..0, 0..0, 0..0, 0..0)
-            }
+            ActKind::F32 | ActKind::F16 | ActKind::BF16 => (c * t..c * (t + 1), 0..0, 0..0, 0..0, 0..0),
             ActKind::Q8 => {
                 let nb = c / QK;
-                (
-                    0..0,
-                    c * t..c * (t + 1),
-                    2 * nb * t..2 * nb * (t + 1),
-                    0..0,
-                    0..0,
-                )
+                (0..0, c * t..c * (t + 1), 2 * nb * t..2 * nb * (t + 1), 0..0, 0..0)
             }
             ActKind::Q8K => {
                 let nb = c / QK_K;
-                (
-                    0..0,
-                    c * t..c * (t + 1),
-                    0..0,
-                    nb * t..nb * (t + 1),
-                    c / 16 * t..c / 16 * (t + 1),
-                )
+                (0..0, c * t..c * (t + 1), 0..0, nb * t..nb * (t + 1), c / 16 * t..c / 16 * (t + 1))
             }
             ActKind::Empty => (0..0, 0..0, 0..0, 0..0, 0..0),
         };
         Act {
             f: &self.f[f],
             q: &self.q[q.clone()],
-            q_pair: if self.kind == ActKind::Q8 {
-                &self.q_pair[q]
-            } else {
-                &[]
-            },
+            q_pair: if self.kind == ActKind::Q8 { &self.q_pair[q] } else { &[] },
             ds1: &self.ds1[ds.clone()],
             ds0: &self.ds0[ds],
             dk: &self.dk[dk],
@@ -825,12 +766,7 @@ impl QuantizedActivations {
     }
 
     fn check(&self, what: &str, dtype: DType, cols: usize, n_tokens: usize) {
-        assert!(
-            self.kind == act_kind(dtype),
-            "{what}: activations were quantized as {:?}, {dtype} weights need {:?}",
-            self.kind,
-            act_kind(dtype)
-        );
+        assert!(self.kind == act_kind(dtype), "{what}: activations were quantized as {:?}, {dtype} weights need {:?}", self.kind, act_kind(dtype));
         assert!(
             self.cols == cols && self.n_tokens >= n_tokens,
             "{what}: activations hold {} tokens × {} cols, expected {n_tokens} × {cols}",
@@ -890,11 +826,7 @@ fn pair_order(q: &[i8], out: &mut [i8], cols: usize) {
 
 /// ggml's `quantize_row_q8_K_ref` (the x86 build uses it as is).
 fn quantize_q8k_act(x: &[f32], q: &mut [i8], dk: &mut [f32], bsums: &mut [i16]) {
-    for (b, (xb, qb)) in x
-        .chunks_exact(QK_K)
-        .zip(q.chunks_exact_mut(QK_K))
-        .enumerate()
-    {
+    for (b, (xb, qb)) in x.chunks_exact(QK_K).zip(q.chunks_exact_mut(QK_K)).enumerate() {
         let (mut max, mut amax) = (0f32, 0f32);
         for &v in xb {
             if v.abs() > amax {
@@ -941,8 +873,7 @@ fn block_q4_0(b: &[u8], y: &[i8], dy: f32) -> f32 {
     let mut sumi = 0i32;
     for j in 0..16 {
         let q = b[2 + j];
-        sumi += (i32::from(q & 0xF) - 8) * i32::from(y[j])
-            + (i32::from(q >> 4) - 8) * i32::from(y[j + 16]);
+        sumi += (i32::from(q & 0xF) - 8) * i32::from(y[j]) + (i32::from(q >> 4) - 8) * i32::from(y[j + 16]);
     }
     sumi as f32 * (f16_at(b, 0) * dy)
 }
@@ -960,11 +891,7 @@ fn block_q8_0(b: &[u8], y: &[i8], dy: f32) -> f32 {
 /// Q4_K / Q5_K super-block × Q8_K (ggml `vec_dot_q4_K_q8_K` / `q5_K` generic).
 fn block_q45_k(five: bool, b: &[u8], y: &[i8], dy: f32, bsums: &[i16]) -> f32 {
     let scales = &b[4..16];
-    let (qh, ql) = if five {
-        (&b[16..48], &b[48..176])
-    } else {
-        (&b[0..0], &b[16..144])
-    };
+    let (qh, ql) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
     let mut sumi = 0i32;
     let mut summ = 0i32;
     for j in 0..4 {
@@ -1014,51 +941,19 @@ fn block_q6_k(b: &[u8], y: &[i8], dy: f32) -> f32 {
 fn dot_scalar(dtype: DType, row: &[u8], a: Act<'_>) -> f32 {
     let bs = dtype.block_bytes();
     match dtype {
-        DType::F32 => row
-            .chunks_exact(4)
-            .zip(a.f)
-            .map(|(c, &x)| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * x)
-            .sum(),
-        DType::F16 => row
-            .chunks_exact(2)
-            .zip(a.f)
-            .map(|(c, &x)| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32() * x)
-            .sum(),
-        DType::BF16 => row
-            .chunks_exact(2)
-            .zip(a.f)
-            .map(|(c, &x)| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])) * x)
-            .sum(),
-        DType::Q8_0 => row
-            .chunks_exact(bs)
-            .zip(a.q.chunks_exact(QK))
-            .zip(a.ds1.chunks_exact(2))
-            .map(|((b, y), ds)| block_q8_0(b, y, ds[0]))
-            .sum(),
-        DType::Q4_0 => row
-            .chunks_exact(bs)
-            .zip(a.q.chunks_exact(QK))
-            .zip(a.ds1.chunks_exact(2))
-            .map(|((b, y), ds)| block_q4_0(b, y, ds[0]))
-            .sum(),
-        DType::Q4_1 => row
-            .chunks_exact(bs)
-            .zip(a.q.chunks_exact(QK))
-            .zip(a.ds1.chunks_exact(2))
-            .map(|((b, y), ds)| block_q4_1(b, y, ds[0], ds[1]))
-            .sum(),
+        DType::F32 => row.chunks_exact(4).zip(a.f).map(|(c, &x)| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * x).sum(),
+        DType::F16 => row.chunks_exact(2).zip(a.f).map(|(c, &x)| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32() * x).sum(),
+        DType::BF16 => row.chunks_exact(2).zip(a.f).map(|(c, &x)| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])) * x).sum(),
+        DType::Q8_0 => row.chunks_exact(bs).zip(a.q.chunks_exact(QK)).zip(a.ds1.chunks_exact(2)).map(|((b, y), ds)| block_q8_0(b, y, ds[0])).sum(),
+        DType::Q4_0 => row.chunks_exact(bs).zip(a.q.chunks_exact(QK)).zip(a.ds1.chunks_exact(2)).map(|((b, y), ds)| block_q4_0(b, y, ds[0])).sum(),
+        DType::Q4_1 => row.chunks_exact(bs).zip(a.q.chunks_exact(QK)).zip(a.ds1.chunks_exact(2)).map(|((b, y), ds)| block_q4_1(b, y, ds[0], ds[1])).sum(),
         DType::Q4_K | DType::Q5_K => row
             .chunks_exact(bs)
             .zip(a.q.chunks_exact(QK_K))
             .zip(a.dk.iter().zip(a.bsums.chunks_exact(16)))
             .map(|((b, y), (&d, s))| block_q45_k(dtype == DType::Q5_K, b, y, d, s))
             .sum(),
-        DType::Q6_K => row
-            .chunks_exact(bs)
-            .zip(a.q.chunks_exact(QK_K))
-            .zip(a.dk)
-            .map(|((b, y), &d)| block_q6_k(b, y, d))
-            .sum(),
+        DType::Q6_K => row.chunks_exact(bs).zip(a.q.chunks_exact(QK_K)).zip(a.dk).map(|((b, y), &d)| block_q6_k(b, y, d)).sum(),
     }
 }
 
@@ -1105,14 +1000,7 @@ fn rows_kernel(isa: Isa, dtype: DType, w: &[u8], cols: usize, a: Act<'_>, y: &mu
 /// Computes rows of `w` against up to four tokens at once: `ys[t][r] = W[r,:] · acts[t]`.
 /// Weight blocks are unpacked once per tile; falls back to one token at a time where no tiled
 /// kernel exists.
-fn rows_kernel_tokens(
-    isa: Isa,
-    dtype: DType,
-    w: &[u8],
-    cols: usize,
-    acts: &[Act<'_>],
-    ys: &mut [&mut [f32]],
-) {
+fn rows_kernel_tokens(isa: Isa, dtype: DType, w: &[u8], cols: usize, acts: &[Act<'_>], ys: &mut [&mut [f32]]) {
     #[cfg(target_arch = "x86_64")]
     {
         if x86::rows_tokens(isa, dtype, w, cols, acts, ys) {
@@ -1150,43 +1038,21 @@ fn chunk_rows(rows: usize, row_bytes: usize) -> usize {
 /// `y[r] = W[r,:] · x` for `rows` rows of `cols` (weights row-major, packed blocks), with rows
 /// split across the current rayon pool. `xq` must have been quantized for `dtype` with `cols`
 /// columns; only token 0 is used.
-pub fn matvec(
-    dtype: DType,
-    w: &[u8],
-    rows: usize,
-    cols: usize,
-    xq: &QuantizedActivations,
-    y: &mut [f32],
-) {
+pub fn matvec(dtype: DType, w: &[u8], rows: usize, cols: usize, xq: &QuantizedActivations, y: &mut [f32]) {
     matvec_with(isa(), dtype, w, rows, cols, xq, y);
 }
 
-fn matvec_with(
-    isa: Isa,
-    dtype: DType,
-    w: &[u8],
-    rows: usize,
-    cols: usize,
-    xq: &QuantizedActivations,
-    y: &mut [f32],
-) {
+fn matvec_with(isa: Isa, dtype: DType, w: &[u8], rows: usize, cols: usize, xq: &QuantizedActivations, y: &mut [f32]) {
     xq.check("matvec", dtype, cols, 1);
     let rb = row_bytes_checked("matvec", dtype, w, rows, cols);
-    assert_eq!(
-        y.len(),
-        rows,
-        "matvec: output has {} rows, expected {rows}",
-        y.len()
-    );
+    assert_eq!(y.len(), rows, "matvec: output has {} rows, expected {rows}", y.len());
     let a = xq.token(0);
     let per = chunk_rows(rows, rb);
     if per >= rows {
         rows_kernel(isa, dtype, w, cols, a, y);
         return;
     }
-    y.par_chunks_mut(per)
-        .zip(w.par_chunks(per * rb))
-        .for_each(|(yc, wc)| rows_kernel(isa, dtype, wc, cols, a, yc));
+    y.par_chunks_mut(per).zip(w.par_chunks(per * rb)).for_each(|(yc, wc)| rows_kernel(isa, dtype, wc, cols, a, yc));
 }
 
 fn row_bytes_checked(what: &str, dtype: DType, w: &[u8], rows: usize, cols: usize) -> usize {
@@ -1222,13 +1088,7 @@ fn matvec_many_with(isa: Isa, jobs: &mut [MatvecJob<'_>], cols: usize, xq: &Quan
     for job in jobs.iter() {
         xq.check("matvec_many", job.dtype, cols, 1);
         let rb = row_bytes_checked("matvec_many", job.dtype, job.w, job.rows, cols);
-        assert_eq!(
-            job.y.len(),
-            job.rows,
-            "matvec_many: output has {} rows, expected {}",
-            job.y.len(),
-            job.rows
-        );
+        assert_eq!(job.y.len(), job.rows, "matvec_many: output has {} rows, expected {}", job.y.len(), job.rows);
         total += rb * job.rows;
     }
     let a = xq.token(0);
@@ -1239,10 +1099,7 @@ fn matvec_many_with(isa: Isa, jobs: &mut [MatvecJob<'_>], cols: usize, xq: &Quan
             rows_kernel(isa, job.dtype, job.w, cols, a, job.y);
         } else {
             let dtype = job.dtype;
-            job.y
-                .par_chunks_mut(per)
-                .zip(job.w.par_chunks(per * rb))
-                .for_each(|(yc, wc)| rows_kernel(isa, dtype, wc, cols, a, yc));
+            job.y.par_chunks_mut(per).zip(job.w.par_chunks(per * rb)).for_each(|(yc, wc)| rows_kernel(isa, dtype, wc, cols, a, yc));
         }
     };
     if total < SERIAL_BYTES || rayon::current_num_threads() <= 1 {
@@ -1271,37 +1128,15 @@ impl OutPtr {
 /// [`QuantizedActivations::quantize_batch`] with at least `n_tokens` tokens of `cols`. Rows are
 /// split into chunks that stay in cache while every token passes over them; inside a chunk,
 /// tokens go four at a time so each weight block is unpacked once per four tokens.
-pub fn matmul(
-    dtype: DType,
-    w: &[u8],
-    rows: usize,
-    cols: usize,
-    xq: &QuantizedActivations,
-    n_tokens: usize,
-    y: &mut [f32],
-) {
+pub fn matmul(dtype: DType, w: &[u8], rows: usize, cols: usize, xq: &QuantizedActivations, n_tokens: usize, y: &mut [f32]) {
     matmul_with(isa(), dtype, w, rows, cols, xq, n_tokens, y);
 }
 
 #[allow(clippy::too_many_arguments)]
-fn matmul_with(
-    isa: Isa,
-    dtype: DType,
-    w: &[u8],
-    rows: usize,
-    cols: usize,
-    xq: &QuantizedActivations,
-    n_tokens: usize,
-    y: &mut [f32],
-) {
+fn matmul_with(isa: Isa, dtype: DType, w: &[u8], rows: usize, cols: usize, xq: &QuantizedActivations, n_tokens: usize, y: &mut [f32]) {
     xq.check("matmul", dtype, cols, n_tokens);
     let rb = row_bytes_checked("matmul", dtype, w, rows, cols);
-    assert_eq!(
-        y.len(),
-        rows * n_tokens,
-        "matmul: output has {} values, expected {rows} × {n_tokens}",
-        y.len()
-    );
+    assert_eq!(y.len(), rows * n_tokens, "matmul: output has {} values, expected {rows} × {n_tokens}", y.len());
     if rows == 0 || n_tokens == 0 {
         return;
     }
@@ -1363,14 +1198,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// Runs a SIMD row kernel if one exists for `isa` and `dtype`; false means "use scalar".
-    pub(super) fn rows(
-        isa: Isa,
-        dtype: DType,
-        w: &[u8],
-        cols: usize,
-        a: Act<'_>,
-        y: &mut [f32],
-    ) -> bool {
+    pub(super) fn rows(isa: Isa, dtype: DType, w: &[u8], cols: usize, a: Act<'_>, y: &mut [f32]) -> bool {
         match isa {
             Isa::Avx512 => {
                 // SAFETY: `Isa::Avx512` is only chosen when the CPU reports avx512f/bw/vl/vnni,
@@ -1386,14 +1214,7 @@ mod x86 {
     }
 
     /// Tiled (several tokens) kernel if one exists; false means "one token at a time".
-    pub(super) fn rows_tokens(
-        isa: Isa,
-        dtype: DType,
-        w: &[u8],
-        cols: usize,
-        acts: &[Act<'_>],
-        ys: &mut [&mut [f32]],
-    ) -> bool {
+    pub(super) fn rows_tokens(isa: Isa, dtype: DType, w: &[u8], cols: usize, acts: &[Act<'_>], ys: &mut [&mut [f32]]) -> bool {
         match isa {
             // SAFETY: as in `rows`.
             Isa::Avx512 => unsafe { avx512::rows_tokens(dtype, w, cols, acts, ys) },
@@ -1405,31 +1226,14 @@ mod x86 {
 
     /// Checks the slices a quantized kernel will read through raw pointers: `rows` rows of
     /// `row_bytes` in `w`, and per token `cols` quants plus `2 * nb` scale floats.
-    fn check_q8(
-        w: &[u8],
-        row_bytes: usize,
-        cols: usize,
-        acts: &[Act<'_>],
-        ys: &[&mut [f32]],
-        ds0: bool,
-    ) -> usize {
+    fn check_q8(w: &[u8], row_bytes: usize, cols: usize, acts: &[Act<'_>], ys: &[&mut [f32]], ds0: bool) -> usize {
         let rows = ys.first().map_or(0, |y| y.len());
-        assert_eq!(
-            w.len(),
-            rows * row_bytes,
-            "kernel: weights do not match {rows} rows"
-        );
+        assert_eq!(w.len(), rows * row_bytes, "kernel: weights do not match {rows} rows");
         assert_eq!(acts.len(), ys.len(), "kernel: tokens and outputs differ");
         let nb = cols / QK;
         for (a, y) in acts.iter().zip(ys) {
             let ds = if ds0 { a.ds0 } else { a.ds1 };
-            assert!(
-                a.q.len() >= cols
-                    && a.q_pair.len() >= cols
-                    && ds.len() >= 2 * nb
-                    && y.len() == rows,
-                "kernel: activations too short"
-            );
+            assert!(a.q.len() >= cols && a.q_pair.len() >= cols && ds.len() >= 2 * nb && y.len() == rows, "kernel: activations too short");
         }
         rows
     }
@@ -1453,10 +1257,7 @@ mod x86 {
         if isa < Isa::Avx2 {
             return None;
         }
-        assert!(
-            x.len() == QK && q.len() == QK,
-            "quantize_q8_block: blocks of 32"
-        );
+        assert!(x.len() == QK && q.len() == QK, "quantize_q8_block: blocks of 32");
         // SAFETY: `Isa::Avx2` or better implies avx2, fma and f16c (`detect_isa`).
         Some(unsafe { quantize_q8_block_avx2(x, q) })
     }
@@ -1466,8 +1267,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn quantize_q8_block_avx2(x: &[f32], q: &mut [i8]) -> (f32, i32) {
         // SAFETY: x holds 32 floats (caller).
-        let v: [__m256; 4] =
-            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
         let sign = _mm256_set1_ps(-0.0);
         let mut m = _mm256_andnot_ps(sign, v[0]);
         for vi in &v[1..] {
@@ -1483,10 +1283,7 @@ mod x86 {
         let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
         let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-        let p = _mm256_packs_epi16(
-            _mm256_packs_epi32(i[0], i[1]),
-            _mm256_packs_epi32(i[2], i[3]),
-        );
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
         let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         // SAFETY: q holds 32 bytes (caller).
         unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, p) };
@@ -1494,13 +1291,7 @@ mod x86 {
     }
 
     /// Scalar tail block (odd block count) of row `row` for every token, added to `out`.
-    fn tail_block<const T: usize>(
-        dtype: DType,
-        row: &[u8],
-        nb: usize,
-        acts: &[Act<'_>],
-        out: &mut [f32; T],
-    ) {
+    fn tail_block<const T: usize>(dtype: DType, row: &[u8], nb: usize, acts: &[Act<'_>], out: &mut [f32; T]) {
         let bs = dtype.block_bytes();
         let b = &row[(nb - 1) * bs..nb * bs];
         for (o, a) in out.iter_mut().zip(acts) {
@@ -1520,13 +1311,7 @@ mod x86 {
         /// # Safety
         /// The CPU must support avx512f, avx512bw, avx512vl, avx512vnni, avx2, fma and f16c.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        pub(in super::super) unsafe fn rows(
-            dtype: DType,
-            w: &[u8],
-            cols: usize,
-            a: Act<'_>,
-            y: &mut [f32],
-        ) -> bool {
+        pub(in super::super) unsafe fn rows(dtype: DType, w: &[u8], cols: usize, a: Act<'_>, y: &mut [f32]) -> bool {
             let acts = [a];
             match dtype {
                 DType::Q4_1 => q4::<true, 1>(w, cols, &acts, &mut [y]),
@@ -1545,13 +1330,7 @@ mod x86 {
         /// # Safety
         /// As for [`rows`].
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        pub(in super::super) unsafe fn rows_tokens(
-            dtype: DType,
-            w: &[u8],
-            cols: usize,
-            acts: &[Act<'_>],
-            ys: &mut [&mut [f32]],
-        ) -> bool {
+        pub(in super::super) unsafe fn rows_tokens(dtype: DType, w: &[u8], cols: usize, acts: &[Act<'_>], ys: &mut [&mut [f32]]) -> bool {
             macro_rules! by_tokens {
                 ($f:ident $(::<$($g:tt),*>)?) => {
                     match acts.len() {
@@ -1578,20 +1357,12 @@ mod x86 {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         fn idx_vec(i: [i32; 16]) -> __m512i {
-            _mm512_setr_epi32(
-                i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7], i[8], i[9], i[10], i[11], i[12],
-                i[13], i[14], i[15],
-            )
+            _mm512_setr_epi32(i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7], i[8], i[9], i[10], i[11], i[12], i[13], i[14], i[15])
         }
 
         /// Q4_0 / Q4_1 weights × Q8 activations for `T` tokens.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        fn q4<const Q41: bool, const T: usize>(
-            w: &[u8],
-            cols: usize,
-            acts: &[Act<'_>],
-            ys: &mut [&mut [f32]],
-        ) {
+        fn q4<const Q41: bool, const T: usize>(w: &[u8], cols: usize, acts: &[Act<'_>], ys: &mut [&mut [f32]]) {
             let dtype = if Q41 { DType::Q4_1 } else { DType::Q4_0 };
             let rb = cols / QK * dtype.block_bytes();
             let rows = check_q8(w, rb, cols, acts, ys, !Q41);
@@ -1633,13 +1404,7 @@ mod x86 {
             while r < r1 {
                 let w0 = w.as_ptr().wrapping_add(r * rb);
                 let qp: [*const i8; T] = std::array::from_fn(|t| acts[t].q_pair.as_ptr());
-                let dp: [*const f32; T] = std::array::from_fn(|t| {
-                    if Q41 {
-                        acts[t].ds1.as_ptr()
-                    } else {
-                        acts[t].ds0.as_ptr()
-                    }
-                });
+                let dp: [*const f32; T] = std::array::from_fn(|t| if Q41 { acts[t].ds1.as_ptr() } else { acts[t].ds0.as_ptr() });
                 let mut acc = [[_mm256_setzero_ps(); T]; R];
                 let mut accm = [_mm512_setzero_ps(); R];
                 for p in 0..nb / 2 {
@@ -1654,8 +1419,7 @@ mod x86 {
                     let mut out = [0f32; T];
                     for t in 0..T {
                         let v = acc[k][t];
-                        let v =
-                            _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
                         let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
                         let v = _mm_add_ss(v, _mm_movehdup_ps(v));
                         out[t] = _mm_cvtss_f32(v) + (m[4 * t + 1] + m[4 * t + 3]);
@@ -1713,11 +1477,7 @@ mod x86 {
                     yl[t] = _mm256_loadu_si256(qp[t].add(64 * p) as *const __m256i);
                     yh[t] = _mm256_loadu_si256(qp[t].add(64 * p + 32) as *const __m256i);
                     let d = _mm_loadu_ps(dp[t].add(4 * p));
-                    ds = if T == 1 {
-                        _mm512_castps128_ps512(d)
-                    } else {
-                        _mm512_mask_broadcast_f32x4(ds, 0xF << (4 * t), d)
-                    };
+                    ds = if T == 1 { _mm512_castps128_ps512(d) } else { _mm512_mask_broadcast_f32x4(ds, 0xF << (4 * t), d) };
                 }
             }
             for k in 0..R {
@@ -1728,10 +1488,7 @@ mod x86 {
                     let lo = _mm_loadu_si128(blk.add(off) as *const __m128i);
                     let hi = _mm_loadu_si128(blk.add(bb + off) as *const __m128i);
                     let (d0, d1) = if Q41 {
-                        (
-                            (blk as *const i32).read_unaligned(),
-                            (blk.add(bb) as *const i32).read_unaligned(),
-                        )
+                        ((blk as *const i32).read_unaligned(), (blk.add(bb) as *const i32).read_unaligned())
                     } else {
                         // Q4_0 has no min: duplicate d so the lanes read [d0, d0, d1, d1].
                         let d0 = i32::from((blk as *const u16).read_unaligned());
@@ -1747,8 +1504,7 @@ mod x86 {
                 // The same products lane for lane whatever T is (one token in 128 bits).
                 let prod = if T == 1 {
                     let prod = _mm_mul_ps(dm, _mm512_castps512_ps128(ds));
-                    accm[k] =
-                        _mm512_castps128_ps512(_mm_add_ps(_mm512_castps512_ps128(accm[k]), prod));
+                    accm[k] = _mm512_castps128_ps512(_mm_add_ps(_mm512_castps512_ps128(accm[k]), prod));
                     _mm512_castps128_ps512(prod)
                 } else {
                     let prod = _mm512_mul_ps(_mm512_broadcast_f32x4(dm), ds);
@@ -1756,11 +1512,7 @@ mod x86 {
                     prod
                 };
                 for t in 0..T {
-                    let dot = _mm256_dpbusd_epi32(
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), zl, yl[t]),
-                        zh,
-                        yh[t],
-                    );
+                    let dot = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), zl, yl[t]), zh, yh[t]);
                     // d0·dy0 in lanes 0..4, d1·dy1 in lanes 4..8.
                     let scale = if T == 1 {
                         _mm256_permutevar8x32_ps(_mm512_castps512_ps256(prod), bcast)
@@ -1797,15 +1549,7 @@ mod x86 {
         /// As for [`q4_rows`].
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        unsafe fn q8_rows<const T: usize, const R: usize>(
-            w: &[u8],
-            rb: usize,
-            cols: usize,
-            acts: &[Act<'_>],
-            ys: &mut [&mut [f32]],
-            r0: usize,
-            r1: usize,
-        ) {
+        unsafe fn q8_rows<const T: usize, const R: usize>(w: &[u8], rb: usize, cols: usize, acts: &[Act<'_>], ys: &mut [&mut [f32]], r0: usize, r1: usize) {
             let nb = cols / QK;
             let idx = idx_vec(IDX_Q8);
             let mut r = r0;
@@ -1834,24 +1578,16 @@ mod x86 {
                             let x1 = _mm256_loadu_si256(blk.add(36) as *const __m256i);
                             let d0 = (blk as *const u16).read_unaligned();
                             let d1 = (blk.add(34) as *const u16).read_unaligned();
-                            (
-                                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x0), x1),
-                                d0,
-                                d1,
-                            )
+                            (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(x0), x1), d0, d1)
                         };
                         let dw = _mm_cvtph_ps(_mm_set_epi32(0, 0, i32::from(d1), i32::from(d0)));
                         // Signed × signed through the unsigned×signed dot: |x| · (y with x's sign).
                         let ax = _mm512_abs_epi8(x);
                         let neg = _mm512_movepi8_mask(x);
                         for t in 0..T {
-                            let sy =
-                                _mm512_mask_sub_epi8(yv[t], neg, _mm512_setzero_si512(), yv[t]);
+                            let sy = _mm512_mask_sub_epi8(yv[t], neg, _mm512_setzero_si512(), yv[t]);
                             let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sy);
-                            let scale = _mm512_permutexvar_ps(
-                                idx,
-                                _mm512_castps128_ps512(_mm_mul_ps(dw, dsv[t])),
-                            );
+                            let scale = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_mul_ps(dw, dsv[t])));
                             acc_k[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc_k[t]);
                         }
                     }
@@ -1886,9 +1622,7 @@ mod x86 {
                 match K {
                     0 => _mm512_maskz_loadu_ps(m, (p as *const f32).add(i)),
                     1 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (p as *const i16).add(i))),
-                    _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                        _mm256_maskz_loadu_epi16(m, (p as *const i16).add(i)),
-                    ))),
+                    _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (p as *const i16).add(i))))),
                 }
             }
         }
@@ -1899,10 +1633,7 @@ mod x86 {
         fn floats<const K: u8>(w: &[u8], cols: usize, x: &[f32], y: &mut [f32]) {
             let es = if K == 0 { 4 } else { 2 };
             let rb = cols * es;
-            assert!(
-                w.len() == y.len() * rb && x.len() >= cols,
-                "kernel: float shapes"
-            );
+            assert!(w.len() == y.len() * rb && x.len() >= cols, "kernel: float shapes");
             let xp = x.as_ptr();
             let full = cols / 64 * 64;
             for (r, o) in y.iter_mut().enumerate() {
@@ -1921,11 +1652,7 @@ mod x86 {
                     i += 64;
                 }
                 while i < cols {
-                    let m: __mmask16 = if cols - i >= 16 {
-                        0xFFFF
-                    } else {
-                        ((1u32 << (cols - i)) - 1) as __mmask16
-                    };
+                    let m: __mmask16 = if cols - i >= 16 { 0xFFFF } else { ((1u32 << (cols - i)) - 1) as __mmask16 };
                     // SAFETY: only the lanes of `m`, all below `cols`, are read.
                     unsafe {
                         let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
@@ -1945,13 +1672,7 @@ mod x86 {
         /// # Safety
         /// The CPU must support avx2, fma and f16c.
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub(in super::super) unsafe fn rows(
-            dtype: DType,
-            w: &[u8],
-            cols: usize,
-            a: Act<'_>,
-            y: &mut [f32],
-        ) -> bool {
+        pub(in super::super) unsafe fn rows(dtype: DType, w: &[u8], cols: usize, a: Act<'_>, y: &mut [f32]) -> bool {
             let acts = [a];
             match dtype {
                 DType::Q4_1 => q::<1, 1>(w, cols, &acts, &mut [y]),
@@ -1970,13 +1691,7 @@ mod x86 {
         /// # Safety
         /// As for [`rows`].
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub(in super::super) unsafe fn rows_tokens(
-            dtype: DType,
-            w: &[u8],
-            cols: usize,
-            acts: &[Act<'_>],
-            ys: &mut [&mut [f32]],
-        ) -> bool {
+        pub(in super::super) unsafe fn rows_tokens(dtype: DType, w: &[u8], cols: usize, acts: &[Act<'_>], ys: &mut [&mut [f32]]) -> bool {
             macro_rules! by_tokens {
                 ($k:literal) => {
                     match acts.len() {
@@ -2018,12 +1733,7 @@ mod x86 {
         /// Q4_K (K = 4), Q5_K (5) or Q6_K (6) weights × Q8_K activations, one row at a time.
         /// Integer block sums equal the scalar reference's, so results match it exactly.
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub(in super::super) fn kquant<const K: u8>(
-            w: &[u8],
-            cols: usize,
-            a: Act<'_>,
-            y: &mut [f32],
-        ) {
+        pub(in super::super) fn kquant<const K: u8>(w: &[u8], cols: usize, a: Act<'_>, y: &mut [f32]) {
             let bs = match K {
                 4 => 144,
                 5 => 176,
@@ -2031,24 +1741,14 @@ mod x86 {
             };
             let nb = cols / QK_K;
             let rb = nb * bs;
-            assert!(
-                w.len() == y.len() * rb
-                    && a.q.len() >= cols
-                    && a.dk.len() >= nb
-                    && a.bsums.len() >= cols / 16,
-                "kernel: k-quant shapes"
-            );
+            assert!(w.len() == y.len() * rb && a.q.len() >= cols && a.dk.len() >= nb && a.bsums.len() >= cols / 16, "kernel: k-quant shapes");
             for (o, row) in y.iter_mut().zip(w.chunks_exact(rb)) {
                 let mut sum = 0f32;
                 for (i, b) in row.chunks_exact(bs).enumerate() {
                     prefetch(b.as_ptr().wrapping_add(2 * bs));
                     let yq = &a.q[i * QK_K..(i + 1) * QK_K];
                     let bsums = &a.bsums[16 * i..16 * i + 16];
-                    sum += if K == 6 {
-                        block_q6_k(b, yq, a.dk[i], bsums)
-                    } else {
-                        block_q45_k::<K>(b, yq, a.dk[i], bsums)
-                    };
+                    sum += if K == 6 { block_q6_k(b, yq, a.dk[i], bsums) } else { block_q45_k::<K>(b, yq, a.dk[i], bsums) };
                 }
                 *o = sum;
             }
@@ -2058,9 +1758,7 @@ mod x86 {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         fn block_q45_k<const K: u8>(b: &[u8], y: &[i8], dy: f32, bsums: &[i16]) -> f32 {
-            assert!(
-                b.len() == if K == 5 { 176 } else { 144 } && y.len() == QK_K && bsums.len() == 16
-            );
+            assert!(b.len() == if K == 5 { 176 } else { 144 } && y.len() == QK_K && bsums.len() == 16);
             let mut summ = 0i32;
             let mut scales = [0i16; 8];
             for j in 0..8 {
@@ -2092,25 +1790,13 @@ mod x86 {
                 if K == 5 {
                     // Bit 2j of each high-bit byte belongs to the low nibbles, bit 2j + 1 to the
                     // high ones; a 16-bit shift never brings a neighbour's bit into bit 0.
-                    let bl = _mm256_and_si256(
-                        _mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * j as i32)),
-                        one,
-                    );
-                    let bh = _mm256_and_si256(
-                        _mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * j as i32 + 1)),
-                        one,
-                    );
+                    let bl = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * j as i32)), one);
+                    let bh = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * j as i32 + 1)), one);
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(bl));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(bh));
                 }
-                let pl = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(lo, yl),
-                    _mm256_set1_epi16(scales[2 * j]),
-                );
-                let ph = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(hi, yh),
-                    _mm256_set1_epi16(scales[2 * j + 1]),
-                );
+                let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, yl), _mm256_set1_epi16(scales[2 * j]));
+                let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yh), _mm256_set1_epi16(scales[2 * j + 1]));
                 acc = _mm256_add_epi32(acc, _mm256_add_epi32(pl, ph));
             }
             f16_at(b, 0) * dy * hsum_i32(acc) as f32 - f16_at(b, 2) * dy * summ as f32
@@ -2143,29 +1829,15 @@ mod x86 {
                 let q = [
                     _mm256_or_si256(_mm256_and_si256(ql0, m0f), high(qh)),
                     _mm256_or_si256(_mm256_and_si256(ql1, m0f), high(_mm256_srli_epi16::<2>(qh))),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m0f),
-                        high(_mm256_srli_epi16::<4>(qh)),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m0f),
-                        high(_mm256_srli_epi16::<6>(qh)),
-                    ),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m0f), high(_mm256_srli_epi16::<4>(qh))),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m0f), high(_mm256_srli_epi16::<6>(qh))),
                 ];
                 for (k, &qk) in q.iter().enumerate() {
                     // SAFETY: y holds 256 quants (asserted above).
-                    let yk = unsafe {
-                        _mm256_loadu_si256(y.as_ptr().add(128 * n + 32 * k) as *const __m256i)
-                    };
+                    let yk = unsafe { _mm256_loadu_si256(y.as_ptr().add(128 * n + 32 * k) as *const __m256i) };
                     let g = 8 * n + 2 * k;
-                    let scale = _mm256_set_m128i(
-                        _mm_set1_epi16(i16::from(sc[g + 1] as i8)),
-                        _mm_set1_epi16(i16::from(sc[g] as i8)),
-                    );
-                    acc = _mm256_add_epi32(
-                        acc,
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(qk, yk), scale),
-                    );
+                    let scale = _mm256_set_m128i(_mm_set1_epi16(i16::from(sc[g + 1] as i8)), _mm_set1_epi16(i16::from(sc[g] as i8)));
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(qk, yk), scale));
                 }
             }
             f16_at(b, 208) * dy * (hsum_i32(acc) - 32 * corr) as f32
@@ -2174,12 +1846,7 @@ mod x86 {
         /// Q4_0 (K = 0), Q4_1 (K = 1) or Q8_0 (K = 8) weights × Q8 activations, `T` tokens,
         /// one block at a time (ggml's AVX2 scheme: maddubs + madd, FMA per block).
         #[target_feature(enable = "avx2,fma,f16c")]
-        fn q<const K: u8, const T: usize>(
-            w: &[u8],
-            cols: usize,
-            acts: &[Act<'_>],
-            ys: &mut [&mut [f32]],
-        ) {
+        fn q<const K: u8, const T: usize>(w: &[u8], cols: usize, acts: &[Act<'_>], ys: &mut [&mut [f32]]) {
             let bb = match K {
                 0 => 18,
                 1 => 20,
@@ -2218,12 +1885,7 @@ mod x86 {
         /// `nb` blocks; the CPU must support avx2, fma and f16c.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn q_rows<const K: u8, const T: usize, const R: usize>(
-            w0: *const u8,
-            rb: usize,
-            nb: usize,
-            acts: &[Act<'_>],
-        ) -> [[f32; T]; R] {
+        unsafe fn q_rows<const K: u8, const T: usize, const R: usize>(w0: *const u8, rb: usize, nb: usize, acts: &[Act<'_>]) -> [[f32; T]; R] {
             let bb = match K {
                 0 => 18,
                 1 => 20,
@@ -2234,13 +1896,7 @@ mod x86 {
             let ones = _mm256_set1_epi16(1);
             let m0f = _mm256_set1_epi8(0x0F);
             let qp: [*const i8; T] = std::array::from_fn(|t| acts[t].q.as_ptr());
-            let dp: [*const f32; T] = std::array::from_fn(|t| {
-                if K == 0 {
-                    acts[t].ds0.as_ptr()
-                } else {
-                    acts[t].ds1.as_ptr()
-                }
-            });
+            let dp: [*const f32; T] = std::array::from_fn(|t| if K == 0 { acts[t].ds0.as_ptr() } else { acts[t].ds1.as_ptr() });
             for b in 0..nb {
                 let mut yv = [_mm256_setzero_si256(); T];
                 let mut dsv = [_mm_setzero_ps(); T];
@@ -2267,10 +1923,7 @@ mod x86 {
                             _ => {
                                 let off = if K == 1 { 4 } else { 2 };
                                 let q = _mm_loadu_si128(blk.add(off) as *const __m128i);
-                                let x = _mm256_and_si256(
-                                    _mm256_set_m128i(_mm_srli_epi16::<4>(q), q),
-                                    m0f,
-                                );
+                                let x = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), m0f);
                                 let d = if K == 1 {
                                     (blk as *const i32).read_unaligned()
                                 } else {
@@ -2282,11 +1935,8 @@ mod x86 {
                         }
                     };
                     for t in 0..T {
-                        let p16 = if K == 8 {
-                            _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(yv[t], x))
-                        } else {
-                            _mm256_maddubs_epi16(x, yv[t])
-                        };
+                        let p16 =
+                            if K == 8 { _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(yv[t], x)) } else { _mm256_maddubs_epi16(x, yv[t]) };
                         let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
                         let prod = _mm_mul_ps(dm, dsv[t]);
                         acc[k][t] = _mm256_fmadd_ps(dot, _mm256_broadcastss_ps(prod), acc[k][t]);
@@ -2313,10 +1963,7 @@ mod x86 {
         fn floats<const K: u8>(w: &[u8], cols: usize, x: &[f32], y: &mut [f32]) {
             let es = if K == 0 { 4 } else { 2 };
             let rb = cols * es;
-            assert!(
-                w.len() == y.len() * rb && x.len() >= cols,
-                "kernel: float shapes"
-            );
+            assert!(w.len() == y.len() * rb && x.len() >= cols, "kernel: float shapes");
             let dtype = [DType::F32, DType::F16, DType::BF16][K as usize];
             let full = cols / 32 * 32;
             for (r, o) in y.iter_mut().enumerate() {
@@ -2333,9 +1980,7 @@ mod x86 {
                             let wv = match K {
                                 0 => _mm256_loadu_ps(p as *const f32),
                                 1 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-                                _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
-                                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
-                                )),
+                                _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)))),
                             };
                             (wv, _mm256_loadu_ps(x.as_ptr().add(j)))
                         };
@@ -2345,15 +1990,7 @@ mod x86 {
                 }
                 let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
                 let row = &w[r * rb..(r + 1) * rb];
-                let a = Act {
-                    f: &x[full..cols],
-                    q: &[],
-                    q_pair: &[],
-                    ds1: &[],
-                    ds0: &[],
-                    dk: &[],
-                    bsums: &[],
-                };
+                let a = Act { f: &x[full..cols], q: &[], q_pair: &[], ds1: &[], ds0: &[], dk: &[], bsums: &[] };
                 *o = hsum(s) + dot_scalar(dtype, &row[full * es..], a);
             }
         }
@@ -2416,19 +2053,9 @@ mod tests {
             (DType::Q6_K, 0.025),
         ] {
             let back = dequantized(dtype, &quantized(dtype, &x), x.len());
-            let err = (x
-                .iter()
-                .zip(&back)
-                .map(|(a, b)| (a - b) * (a - b))
-                .sum::<f32>()
-                / x.len() as f32)
-                .sqrt();
+            let err = (x.iter().zip(&back).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / x.len() as f32).sqrt();
             println!("{dtype}: relative rms error {:.5}", err / rms);
-            assert!(
-                err / rms <= tol,
-                "{dtype}: relative rms error {} > {tol}",
-                err / rms
-            );
+            assert!(err / rms <= tol, "{dtype}: relative rms error {} > {tol}", err / rms);
         }
     }
 
@@ -2461,16 +2088,8 @@ mod tests {
     #[test]
     fn bf16_rounding_matches_ggml() {
         assert_eq!(bf16_bits(1.0), 0x3f80);
-        assert_eq!(
-            bf16_bits(f32::from_bits(0x3f80_8000)),
-            0x3f80,
-            "tie to even (down)"
-        );
-        assert_eq!(
-            bf16_bits(f32::from_bits(0x3f81_8000)),
-            0x3f82,
-            "tie to even (up)"
-        );
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80, "tie to even (down)");
+        assert_eq!(bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82, "tie to even (up)");
         assert_eq!(bf16_bits(f32::from_bits(0x3f80_8001)), 0x3f81);
         assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
     }
@@ -2480,24 +2099,11 @@ mod tests {
         let w = dequantized(dtype, row, xq.cols);
         let a = xq.token(t);
         let x: Vec<f32> = match xq.kind {
-            ActKind::Q8 => {
-                a.q.iter()
-                    .enumerate()
-                    .map(|(i, &q)| f32::from(q) * a.ds1[2 * (i / QK)])
-                    .collect()
-            }
-            ActKind::Q8K => {
-                a.q.iter()
-                    .enumerate()
-                    .map(|(i, &q)| f32::from(q) * a.dk[i / QK_K])
-                    .collect()
-            }
+            ActKind::Q8 => a.q.iter().enumerate().map(|(i, &q)| f32::from(q) * a.ds1[2 * (i / QK)]).collect(),
+            ActKind::Q8K => a.q.iter().enumerate().map(|(i, &q)| f32::from(q) * a.dk[i / QK_K]).collect(),
             _ => a.f.to_vec(),
         };
-        w.iter()
-            .zip(&x)
-            .map(|(&a, &b)| f64::from(a) * f64::from(b))
-            .sum()
+        w.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
     }
 
     /// How far a kernel may be from the exact f64 dot of the dequantized operands: f32
@@ -2507,25 +2113,11 @@ mod tests {
         let w = dequantized(dtype, row, xq.cols);
         let a = xq.token(t);
         let abs_x: Vec<f32> = match xq.kind {
-            ActKind::Q8 => {
-                a.q.iter()
-                    .enumerate()
-                    .map(|(i, &q)| f32::from(q).abs() * a.ds1[2 * (i / QK)])
-                    .collect()
-            }
-            ActKind::Q8K => {
-                a.q.iter()
-                    .enumerate()
-                    .map(|(i, &q)| f32::from(q).abs() * a.dk[i / QK_K].abs())
-                    .collect()
-            }
+            ActKind::Q8 => a.q.iter().enumerate().map(|(i, &q)| f32::from(q).abs() * a.ds1[2 * (i / QK)]).collect(),
+            ActKind::Q8K => a.q.iter().enumerate().map(|(i, &q)| f32::from(q).abs() * a.dk[i / QK_K].abs()).collect(),
             _ => a.f.iter().map(|v| v.abs()).collect(),
         };
-        let abs_sum: f64 = w
-            .iter()
-            .zip(&abs_x)
-            .map(|(&a, &b)| f64::from(a.abs()) * f64::from(b))
-            .sum();
+        let abs_sum: f64 = w.iter().zip(&abs_x).map(|(&a, &b)| f64::from(a.abs()) * f64::from(b)).sum();
         let mut tol = 1e-5 * abs_sum + 1e-6;
         if dtype == DType::Q4_1 {
             for (b, ds) in row.chunks_exact(20).zip(a.ds1.chunks_exact(2)) {
@@ -2559,10 +2151,7 @@ mod tests {
                 let got = dot_row_reference(dtype, row, &xq);
                 let want = dot_dequantized(dtype, row, &xq, 0);
                 let tol = dot_tolerance(dtype, row, &xq, 0);
-                assert!(
-                    (f64::from(got) - want).abs() <= tol,
-                    "{dtype}: scalar {got} vs dequantized {want} (tol {tol})"
-                );
+                assert!((f64::from(got) - want).abs() <= tol, "{dtype}: scalar {got} vs dequantized {want} (tol {tol})");
             }
         }
     }
@@ -2618,20 +2207,13 @@ mod tests {
         let mut xq = QuantizedActivations::new();
         xq.quantize(dtype, &x);
         let rb = dtype.row_bytes(cols).unwrap();
-        let reference: Vec<f32> = w
-            .chunks_exact(rb)
-            .map(|row| dot_scalar(dtype, row, xq.token(0)))
-            .collect();
+        let reference: Vec<f32> = w.chunks_exact(rb).map(|row| dot_scalar(dtype, row, xq.token(0))).collect();
         // Scalar reference against exact arithmetic on a sample of rows.
         for r in (0..rows).step_by(rows.div_ceil(64)) {
             let row = &w[r * rb..(r + 1) * rb];
             let want = dot_dequantized(dtype, row, &xq, 0);
             let tol = dot_tolerance(dtype, row, &xq, 0);
-            assert!(
-                (f64::from(reference[r]) - want).abs() <= tol,
-                "{dtype} {rows}x{cols} row {r}: scalar {} vs exact {want}",
-                reference[r]
-            );
+            assert!((f64::from(reference[r]) - want).abs() <= tol, "{dtype} {rows}x{cols} row {r}: scalar {} vs exact {want}", reference[r]);
         }
         for isa in available_isas() {
             let mut y = vec![f32::NAN; rows];
@@ -2654,15 +2236,9 @@ mod tests {
                 }
             }
             let d = dot_row_with_isa(isa, dtype, &w[..rb], &xq);
-            assert_eq!(
-                d, y[0],
-                "{dtype} {isa:?}: dot_row differs from matvec row 0"
-            );
+            assert_eq!(d, y[0], "{dtype} {isa:?}: dot_row differs from matvec row 0");
             if rows >= 4096 {
-                println!(
-                    "{dtype} {rows}x{cols} {isa:?}: worst error {:.3} of tolerance at row {}",
-                    worst.0, worst.1
-                );
+                println!("{dtype} {rows}x{cols} {isa:?}: worst error {:.3} of tolerance at row {}", worst.0, worst.1);
             }
         }
     }
@@ -2718,18 +2294,9 @@ mod tests {
                                     let want = dot_scalar(dtype, row, xq.token(t));
                                     let tol = dot_tolerance(dtype, row, &xq, t);
                                     let (m, v) = (ym[t * rows + r], yv[r]);
-                                    let at = format!(
-                                        "{dtype} {rows}x{cols} {isa:?} token {t} of {n_tokens} row {r}"
-                                    );
-                                    assert!(
-                                        f64::from((v - want).abs()) <= tol,
-                                        "{at}: matvec {v} vs scalar {want} (tol {tol})"
-                                    );
-                                    assert_eq!(
-                                        m.to_bits(),
-                                        v.to_bits(),
-                                        "{at}: matmul {m} vs matvec {v} (scalar {want})"
-                                    );
+                                    let at = format!("{dtype} {rows}x{cols} {isa:?} token {t} of {n_tokens} row {r}");
+                                    assert!(f64::from((v - want).abs()) <= tol, "{at}: matvec {v} vs scalar {want} (tol {tol})");
+                                    assert_eq!(m.to_bits(), v.to_bits(), "{at}: matmul {m} vs matvec {v} (scalar {want})");
                                 }
                             }
                         }
@@ -2769,10 +2336,7 @@ mod tests {
                         for r in 0..rows {
                             let tol = dot_tolerance(dtype, &w[r * rb..(r + 1) * rb], &xq, t);
                             let (a, b) = (y[t * rows + r], yt[r]);
-                            assert!(
-                                f64::from((a - b).abs()) <= tol,
-                                "{dtype} {isa:?} token {t} of {n_tokens} row {r}: matmul {a} vs matvec {b}"
-                            );
+                            assert!(f64::from((a - b).abs()) <= tol, "{dtype} {isa:?} token {t} of {n_tokens} row {r}: matmul {a} vs matvec {b}");
                         }
                     }
                 }
@@ -2796,10 +2360,7 @@ mod tests {
             for r in 0..rows {
                 let want = dot_scalar(DType::Q4_1, &w[r * rb..(r + 1) * rb], xq.token(t));
                 let tol = dot_tolerance(DType::Q4_1, &w[r * rb..(r + 1) * rb], &xq, t);
-                assert!(
-                    f64::from((y[t * rows + r] - want).abs()) <= tol,
-                    "token {t} row {r}"
-                );
+                assert!(f64::from((y[t * rows + r] - want).abs()) <= tol, "token {t} row {r}");
             }
         }
     }
@@ -2808,27 +2369,15 @@ mod tests {
     fn matvec_many_equals_separate_matvecs() {
         let mut rng = Rng(23);
         let cols = 576;
-        let specs = [
-            (DType::Q4_1, 576),
-            (DType::Q8_0, 192),
-            (DType::Q4_0, 1536),
-            (DType::Q4_1, 5),
-        ];
-        let ws: Vec<Vec<u8>> = specs
-            .iter()
-            .map(|&(d, r)| random_weights(&mut rng, d, r, cols))
-            .collect();
+        let specs = [(DType::Q4_1, 576), (DType::Q8_0, 192), (DType::Q4_0, 1536), (DType::Q4_1, 5)];
+        let ws: Vec<Vec<u8>> = specs.iter().map(|&(d, r)| random_weights(&mut rng, d, r, cols)).collect();
         let x = rng.vec(cols, 1.0);
         let mut xq = QuantizedActivations::new();
         xq.quantize(DType::Q4_1, &x);
         let mut outs: Vec<Vec<f32>> = specs.iter().map(|&(_, r)| vec![f32::NAN; r]).collect();
         {
-            let mut jobs: Vec<MatvecJob<'_>> = specs
-                .iter()
-                .zip(&ws)
-                .zip(outs.iter_mut())
-                .map(|((&(dtype, rows), w), y)| MatvecJob { dtype, w, rows, y })
-                .collect();
+            let mut jobs: Vec<MatvecJob<'_>> =
+                specs.iter().zip(&ws).zip(outs.iter_mut()).map(|((&(dtype, rows), w), y)| MatvecJob { dtype, w, rows, y }).collect();
             matvec_many(&mut jobs, cols, &xq);
         }
         for ((&(dtype, rows), w), got) in specs.iter().zip(&ws).zip(&outs) {
@@ -2889,19 +2438,7 @@ mod tests {
 
     #[test]
     fn nearest_int_matches_round_ties_even() {
-        for x in [
-            0.5f32,
-            1.5,
-            2.5,
-            -0.5,
-            -1.5,
-            126.5,
-            -127.5,
-            4_194_303.0,
-            1e9,
-            -1e9,
-            0.49999997,
-        ] {
+        for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -127.5, 4_194_303.0, 1e9, -1e9, 0.49999997] {
             assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
         }
     }
