@@ -69,7 +69,7 @@ fn serve(conn: UnixStream, events: Sender<Event>) -> std::io::Result<()> {
     writeln!(out, "{reply}")
 }
 
-/// Freezes a running actor through its control socket (`driftwood run --control SOCKET`).
+/// Freeze a running actor through its control socket (`driftwood run --control SOCKET`).
 ///
 /// The actor is captured between two messages and keeps running unless --stop is given.
 ///

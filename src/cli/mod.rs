@@ -29,6 +29,7 @@ pub enum Command {
     Restore(snapshot::RestoreArgs),
     Inspect(snapshot::InspectArgs),
     Snapshot(control::SnapshotArgs),
+    /// Measure: zero-copy sharing, inference speed, snapshot save/restore (tables or --json)
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
