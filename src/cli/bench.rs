@@ -19,8 +19,9 @@ pub enum BenchCommand {
     Snapshot(SnapshotArgs),
 }
 
+/// The model and device a model benchmark runs on.
 #[derive(Args)]
-pub struct SnapshotArgs {
+pub struct BenchModel {
     /// Model: registry name, .gguf file or Hugging Face folder
     #[arg(short, long, default_value = "smollm2-135m")]
     pub model: String,
@@ -30,6 +31,20 @@ pub struct SnapshotArgs {
     /// CPU worker threads (default: all cores)
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+impl BenchModel {
+    fn load(&self) -> anyhow::Result<super::model::Loaded> {
+        let backend = backend::open(self.device, self.threads)?;
+        let args = super::model::ModelArgs { model: Some(self.model.clone()), ..Default::default() };
+        args.load(backend, true)
+    }
+}
+
+#[derive(Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub target: BenchModel,
     /// Context lengths in tokens
     #[arg(long, value_delimiter = ',', default_value = "24,512,4096")]
     pub tokens: Vec<usize>,
@@ -46,9 +61,7 @@ impl SnapshotArgs {
         if self.tokens.iter().any(|&n| n == 0) {
             anyhow::bail!("--tokens: each length must be at least 1");
         }
-        let backend = backend::open(self.device, self.threads)?;
-        let args = super::model::ModelArgs { model: Some(self.model.clone()), ..Default::default() };
-        let loaded = args.load(backend, true)?;
+        let loaded = self.target.load()?;
         let dir = self.dir.clone().unwrap_or_else(std::env::temp_dir);
         let bar = indicatif::ProgressBar::new_spinner();
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -79,15 +92,8 @@ impl SnapshotArgs {
 
 #[derive(Args)]
 pub struct InferenceArgs {
-    /// Model: registry name, .gguf file or Hugging Face folder
-    #[arg(short, long, default_value = "smollm2-135m")]
-    pub model: String,
-    /// Compute device: auto, cpu, cuda or cuda:N
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceSpec,
-    /// CPU worker threads (default: all cores)
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub target: BenchModel,
     /// Prompt lengths to time prefill at
     #[arg(long, value_delimiter = ',', default_value = "5,128,512")]
     pub prefill: Vec<usize>,
@@ -110,9 +116,7 @@ impl InferenceArgs {
         if self.decode == 0 || self.prefill.iter().any(|&n| n == 0) {
             anyhow::bail!("--prefill sizes and --decode must be at least 1");
         }
-        let backend = backend::open(self.device, self.threads)?;
-        let args = super::model::ModelArgs { model: Some(self.model.clone()), ..Default::default() };
-        let loaded = args.load(backend, true)?;
+        let loaded = self.target.load()?;
         let bar = indicatif::ProgressBar::new_spinner();
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
         let opts = driftwood::bench::inference::Options {

@@ -136,16 +136,7 @@ pub fn serve_actor(actor: &mut driftwood::actor::Actor, events: Receiver<Event>)
     let mut out = std::io::stdout();
     for event in events {
         match event {
-            Event::Message(msg) => {
-                let reply = actor.deliver(msg.as_bytes())?;
-                if !reply.is_empty() {
-                    out.write_all(&reply)?;
-                    if !reply.ends_with(b"\n") {
-                        out.write_all(b"\n")?;
-                    }
-                }
-                out.flush()?;
-            }
+            Event::Message(msg) => super::run::deliver_one(actor, &msg, &mut out)?,
             Event::InputDone => {}
             Event::Control { path, stop, reply } => {
                 let answer = match driftwood::snapshot::save(actor, &path) {

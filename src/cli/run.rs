@@ -91,27 +91,29 @@ impl RunArgs {
     }
 }
 
+/// Delivers one message and prints the actor's reply (if any) on its own line.
+pub fn deliver_one(actor: &mut driftwood::actor::Actor, msg: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let reply = actor.deliver(msg.as_bytes())?;
+    if !reply.is_empty() {
+        out.write_all(&reply)?;
+        if !reply.ends_with(b"\n") {
+            out.write_all(b"\n")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Delivers the prompts (or stdin lines) one at a time, printing each reply.
 pub fn deliver_messages(actor: &mut driftwood::actor::Actor, prompts: &[String]) -> anyhow::Result<()> {
     let mut out = std::io::stdout();
-    let mut deliver = |msg: &str| -> anyhow::Result<()> {
-        let reply = actor.deliver(msg.as_bytes())?;
-        if !reply.is_empty() {
-            out.write_all(&reply)?;
-            if !reply.ends_with(b"\n") {
-                out.write_all(b"\n")?;
-            }
-        }
-        out.flush()?;
-        Ok(())
-    };
     if prompts.is_empty() {
         for line in std::io::stdin().lock().lines() {
-            deliver(&line?)?;
+            deliver_one(actor, &line?, &mut out)?;
         }
     } else {
         for prompt in prompts {
-            deliver(prompt)?;
+            deliver_one(actor, prompt, &mut out)?;
         }
     }
     Ok(())
