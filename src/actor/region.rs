@@ -61,10 +61,12 @@ impl Drop for Mapping {
 }
 
 struct Inner {
+    // Declared first so it drops first: a hook's captured state (a device's registration of
+    // these pages) is released while the pages are still mapped.
+    hooks: Mutex<Vec<GrowHook>>,
     mapping: Mapping,
     committed: AtomicUsize,
     limit: usize,
-    hooks: Mutex<Vec<GrowHook>>,
 }
 
 /// A handle to one region. Cloning is cheap and shares the region; the memory is unmapped when

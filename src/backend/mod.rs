@@ -1,11 +1,12 @@
 //! Compute devices behind one trait.
 //!
-//! A [`Backend`] is a device the runtime computes on: the CPU (always there) or, later, a CUDA
-//! GPU. It names its capabilities ([`DeviceInfo::can_use_host_pointer`]) instead of model code
+//! A [`Backend`] is a device the runtime computes on: the CPU (always there) or a CUDA GPU
+//! (loaded at run time when the machine has one). It names its capabilities ([`DeviceInfo::can_use_host_pointer`]) instead of model code
 //! asking "is this CUDA?". Actor memory reaches a backend as a [`Region`]: the CPU computes on its
 //! bytes as they are, a GPU host-registers them so kernels read and write guest memory directly.
 
 pub mod cpu;
+pub mod cuda;
 
 use std::sync::Arc;
 
@@ -107,6 +108,15 @@ pub trait Backend: Send + Sync {
         f()
     }
 
+    /// Runs `pass`, the ops of one forward pass over `tokens` at positions `pos0..`, for the
+    /// session state `state` (a process-unique id). A GPU uses it to stage the token ids and
+    /// position once and to replay a captured graph of the ops for later single-token passes of
+    /// the same state; the default just runs the ops.
+    fn forward_pass(&self, state: u64, tokens: &[u32], pos0: usize, pass: &mut dyn FnMut() -> Result<(), BackendError>) -> Result<(), BackendError> {
+        let _ = (state, tokens, pos0);
+        pass()
+    }
+
     // ---- model ops: one method per operation the Llama forward pass uses ----
 
     /// A zeroed activation buffer of `len` f32 values.
@@ -125,6 +135,12 @@ pub trait Backend: Send + Sync {
     fn rms_norm(&self, x: &Buffer, w: &Buffer, out: &mut Buffer, rows: usize, dim: usize, eps: f32) -> Result<(), BackendError>;
     /// `out[t][r] = W[r] · x[t]` for `n_tokens` tokens (decode when 1, prefill otherwise).
     fn matmul(&self, w: &Linear, x: &Buffer, out: &mut Buffer, n_tokens: usize) -> Result<(), BackendError>;
+    /// `out[t] += W · x[t]` (a residual connection); `scratch` (`n_tokens × rows`) is free for
+    /// backends that cannot fuse the addition.
+    fn matmul_add(&self, w: &Linear, x: &Buffer, out: &mut Buffer, scratch: &mut Buffer, n_tokens: usize) -> Result<(), BackendError> {
+        self.matmul(w, x, scratch, n_tokens)?;
+        self.add(out, scratch, n_tokens * w.rows)
+    }
     /// Several products of the same input (q/k/v, gate/up) in one dispatch.
     fn matmul_many(&self, ws: &[&Linear], x: &Buffer, outs: &mut [&mut Buffer], n_tokens: usize) -> Result<(), BackendError>;
     /// Rotary position embedding in place on `n_tokens × n_heads × head_dim`, positions from `pos0`.
@@ -148,12 +164,14 @@ pub trait Backend: Send + Sync {
 /// backend ops, so the same forward pass runs wherever the bytes live.
 pub enum Buffer {
     Cpu(Vec<f32>),
+    Cuda(cuda::DevMem),
 }
 
 impl Buffer {
     pub fn len(&self) -> usize {
         match self {
             Buffer::Cpu(v) => v.len(),
+            Buffer::Cuda(m) => m.bytes() / 4,
         }
     }
 
@@ -185,6 +203,8 @@ impl std::ops::Deref for HostBytes {
 #[derive(Clone)]
 pub enum WeightData {
     Host(HostBytes),
+    /// Device memory, shared by clones (tied embeddings are uploaded once).
+    Cuda(Arc<cuda::DevMem>),
 }
 
 /// A weight matrix (`rows × cols`, row-major, packed blocks for quantized types) in its stored
@@ -208,6 +228,7 @@ impl Linear {
 /// One layer of the KV cache: K and V for `max_seq` positions of `kv_dim` values, stored as f16.
 pub enum KvLayer {
     Cpu { k: Vec<u16>, v: Vec<u16>, max_seq: usize, kv_dim: usize, scores: Vec<f32> },
+    Cuda { k: cuda::DevMem, v: cuda::DevMem, max_seq: usize, kv_dim: usize },
 }
 
 /// Shapes for one attention call.
@@ -239,11 +260,24 @@ pub struct Rope {
     pub inv_freq: Vec<f32>,
 }
 
-/// Opens the backend the user asked for.
+/// Opens the backend the user asked for. `auto` takes CUDA device 0 when the machine has one
+/// and the CPU otherwise; `auto` that picks a GPU says so on stderr.
 pub fn open(spec: DeviceSpec, threads: Option<usize>) -> Result<Arc<dyn Backend>, BackendError> {
     match spec {
-        DeviceSpec::Cpu | DeviceSpec::Auto => Ok(Arc::new(cpu::CpuBackend::new(threads))),
-        DeviceSpec::Cuda(n) => Err(BackendError::NotAvailable { device: format!("cuda:{n}"), reason: "this build has no CUDA backend yet".into() }),
+        DeviceSpec::Cpu => Ok(Arc::new(cpu::CpuBackend::new(threads))),
+        DeviceSpec::Cuda(n) => Ok(Arc::new(cuda::CudaBackend::new(n)?)),
+        DeviceSpec::Auto => {
+            if cuda::unavailable_reason(0).is_none() {
+                match cuda::CudaBackend::new(0) {
+                    Ok(b) => {
+                        eprintln!("driftwood: --device auto chose {}", b.info().name);
+                        return Ok(Arc::new(b));
+                    }
+                    Err(e) => eprintln!("driftwood: --device auto: {e}; using the CPU"),
+                }
+            }
+            Ok(Arc::new(cpu::CpuBackend::new(threads)))
+        }
     }
 }
 

@@ -123,6 +123,8 @@ impl KvCache {
 
 /// Scratch buffers for up to `max_batch` tokens, plus the KV cache.
 pub struct State {
+    /// Process-unique: backends key per-session resources (a captured decode graph) by it.
+    pub id: u64,
     pub max_batch: usize,
     x: Buffer,          // [batch, dim] residual stream
     xn: Buffer,         // [batch, dim] normalized
@@ -145,7 +147,9 @@ impl State {
         for _ in 0..c.n_layers {
             layers.push(backend.kv_layer(max_seq, c.kv_dim())?);
         }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(State {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             max_batch,
             x: backend.buffer(b * c.dim)?,
             xn: backend.buffer(b * c.dim)?,
@@ -171,29 +175,30 @@ pub fn forward(backend: &dyn Backend, c: &Config, w: &Weights, s: &mut State, to
     debug_assert!(n > 0 && n <= s.max_batch && pos0 + n <= s.kv.max_seq);
     let (dim, ffn) = (c.dim, c.ffn_dim);
     let shape = AttentionShape { n_tokens: n, pos0, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-    // x = embedding rows of the tokens
-    backend.embed(&w.token_embd, tokens, &mut s.x)?;
-    for (l, lw) in w.layers.iter().enumerate() {
-        // attention: xn = norm(x); q, k, v = projections; rotate q, k; att = softmax(qK)V over the cache
-        backend.rms_norm(&s.x, &lw.attn_norm, &mut s.xn, n, dim, c.rms_eps)?;
-        backend.matmul_many(&[&lw.wq, &lw.wk, &lw.wv], &s.xn, &mut [&mut s.q, &mut s.k, &mut s.v], n)?;
-        backend.rope(&mut s.q, &w.rope, n, c.n_heads, pos0)?;
-        backend.rope(&mut s.k, &w.rope, n, c.n_kv_heads, pos0)?;
-        backend.attention(&s.q, &s.k, &s.v, &mut s.kv.layers[l], &mut s.att, shape)?;
-        // x += wo · att
-        backend.matmul(&lw.wo, &s.att, &mut s.proj, n)?;
-        backend.add(&mut s.x, &s.proj, n * dim)?;
-        // feed-forward: x += w_down · (silu(w_gate · xn) * (w_up · xn)), xn = norm(x)
-        backend.rms_norm(&s.x, &lw.ffn_norm, &mut s.xn, n, dim, c.rms_eps)?;
-        backend.matmul_many(&[&lw.w_gate, &lw.w_up], &s.xn, &mut [&mut s.gate, &mut s.up], n)?;
-        backend.silu_mul(&mut s.gate, &s.up, n * ffn)?;
-        backend.matmul(&lw.w_down, &s.gate, &mut s.proj, n)?;
-        backend.add(&mut s.x, &s.proj, n * dim)?;
-    }
-    // logits of the last token only: output · norm(x[n-1])
-    backend.copy(&s.x, (n - 1) * dim, &mut s.xn, 0, dim)?;
-    backend.rms_norm(&s.xn, &w.output_norm, &mut s.last, 1, dim, c.rms_eps)?;
-    backend.matmul(&w.output, &s.last, &mut s.logits, 1)?;
+    let state = s.id;
+    backend.forward_pass(state, tokens, pos0, &mut || {
+        // x = embedding rows of the tokens
+        backend.embed(&w.token_embd, tokens, &mut s.x)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            // attention: xn = norm(x); q, k, v = projections; rotate q, k; att = softmax(qK)V over the cache
+            backend.rms_norm(&s.x, &lw.attn_norm, &mut s.xn, n, dim, c.rms_eps)?;
+            backend.matmul_many(&[&lw.wq, &lw.wk, &lw.wv], &s.xn, &mut [&mut s.q, &mut s.k, &mut s.v], n)?;
+            backend.rope(&mut s.q, &w.rope, n, c.n_heads, pos0)?;
+            backend.rope(&mut s.k, &w.rope, n, c.n_kv_heads, pos0)?;
+            backend.attention(&s.q, &s.k, &s.v, &mut s.kv.layers[l], &mut s.att, shape)?;
+            // x += wo · att
+            backend.matmul_add(&lw.wo, &s.att, &mut s.x, &mut s.proj, n)?;
+            // feed-forward: x += w_down · (silu(w_gate · xn) * (w_up · xn)), xn = norm(x)
+            backend.rms_norm(&s.x, &lw.ffn_norm, &mut s.xn, n, dim, c.rms_eps)?;
+            backend.matmul_many(&[&lw.w_gate, &lw.w_up], &s.xn, &mut [&mut s.gate, &mut s.up], n)?;
+            backend.silu_mul(&mut s.gate, &s.up, n * ffn)?;
+            backend.matmul_add(&lw.w_down, &s.gate, &mut s.x, &mut s.proj, n)?;
+        }
+        // logits of the last token only: output · norm(x[n-1])
+        backend.copy(&s.x, (n - 1) * dim, &mut s.xn, 0, dim)?;
+        backend.rms_norm(&s.xn, &w.output_norm, &mut s.last, 1, dim, c.rms_eps)?;
+        backend.matmul(&w.output, &s.last, &mut s.logits, 1)
+    })?;
     s.kv.len = pos0 + n;
     Ok(())
 }

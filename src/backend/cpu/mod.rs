@@ -214,7 +214,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_export(&self, kv: &KvLayer, len: usize, k: &mut [u16], v: &mut [u16]) -> Result<(), BackendError> {
-        let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, .. } = kv;
+        let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, .. } = kv else { return Err(ops::foreign("kv_export")) };
         let n = len * kv_dim;
         if len > *max_seq || k.len() < n || v.len() < n {
             return Err(BackendError::InvalidArgument { op: "kv_export", reason: format!("{len} positions of {kv_dim} do not fit") });
@@ -225,7 +225,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_import(&self, kv: &mut KvLayer, len: usize, k: &[u16], v: &[u16]) -> Result<(), BackendError> {
-        let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, .. } = kv;
+        let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, .. } = kv else { return Err(ops::foreign("kv_import")) };
         let n = len * *kv_dim;
         if len > *max_seq || k.len() < n || v.len() < n {
             return Err(BackendError::InvalidArgument { op: "kv_import", reason: format!("{len} positions of {kv_dim} do not fit a cache of {max_seq}") });

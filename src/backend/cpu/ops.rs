@@ -23,7 +23,7 @@ pub(super) fn cpu_mut<'a>(b: &'a mut Buffer, op: &'static str) -> Result<&'a mut
     }
 }
 
-fn foreign(op: &'static str) -> BackendError {
+pub(super) fn foreign(op: &'static str) -> BackendError {
     BackendError::InvalidArgument { op, reason: "buffer belongs to another device".into() }
 }
 
@@ -163,7 +163,7 @@ fn to_f16_bits(src: &[f32], dst: &mut [u16]) {
 
 /// Writes the new K/V rows into the cache, then causal attention for each new token.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], kv: &mut KvLayer, out: &mut [f32], s: AttentionShape) -> Result<(), BackendError> {
-    let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, scores } = kv;
+    let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, scores } = kv else { return Err(foreign("attention")) };
     let (hd, nh, nkv) = (s.head_dim, s.n_heads, s.n_kv_heads);
     if s.pos0 + s.n_tokens > *max_seq {
         return Err(BackendError::InvalidArgument {
@@ -183,13 +183,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], kv: &mut KvLayer, out: &mut [f
     let work = |(idx, (o, sc)): (usize, (&mut [f32], &mut [f32]))| {
         let (t, h) = (idx / nh, idx % nh);
         let n_ctx = s.pos0 + t + 1;
-        // Q is rounded to f16 like the K it meets (llama.cpp does the same), so scores match.
-        let mut q16 = [0f32; 512];
-        for (d, x) in q16.iter_mut().zip(&q[(t * nh + h) * hd..(t * nh + h + 1) * hd]) {
-            *d = f16::from_f32(*x).to_f32();
-        }
         let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-        let _ = q16;
         let kvh = h / group;
         let sc = &mut sc[..n_ctx];
         let mut max = f32::NEG_INFINITY;

@@ -1,0 +1,452 @@
+// Driftwood's CUDA kernels, compiled at run time with NVRTC (see `module.rs`).
+//
+// Why hand-written: the weights stay in their GGUF block formats in device memory (Q4_0, Q4_K,
+// ...), and no library multiplies those blocks directly; the decode step is memory-bound, so a
+// matrix-vector kernel that dequantizes in registers reads each weight byte exactly once. Dense
+// products of many tokens (prefill) go to cuBLAS after a dequantizing pass.
+//
+// Conventions: activations are f32, the KV cache f16. Kernels that depend on the token ids or the
+// position read them from `Step` in device memory, never from launch arguments, so a captured
+// decode graph replays unchanged for every token. No CUDA headers are included: f16/bf16
+// conversions are single PTX instructions.
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define MAX_BATCH 512
+#define INFINITY __int_as_float(0x7f800000)
+
+// Where a forward pass is: its first position and token ids (written once per pass).
+struct Step {
+    int pos0;
+    int n;
+    u32 tokens[MAX_BATCH];
+};
+
+// Weight formats, numbered as `DType::cuda_code` in Rust.
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+#define DT_Q8_0 3
+#define DT_Q4_0 4
+#define DT_Q4_1 5
+#define DT_Q4_K 6
+#define DT_Q5_K 7
+#define DT_Q6_K 8
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float bf2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ __forceinline__ float ld_h(const u8* p) { return h2f(*(const u16*)p); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Scale and min of sub-block j of a Q4_K/Q5_K block (ggml's get_scale_min_k4).
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, float* sc, float* m) {
+    if (j < 4) {
+        *sc = (float)(q[j] & 63);
+        *m = (float)(q[j + 4] & 63);
+    } else {
+        *sc = (float)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (float)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+// ---- dequantizing one element (embedding rows, the prefill dequantization pass) ----
+
+__device__ float dequant_one(int dt, const u8* row, int i) {
+    switch (dt) {
+    case DT_F32: return ((const float*)row)[i];
+    case DT_F16: return h2f(((const u16*)row)[i]);
+    case DT_BF16: return bf2f(((const u16*)row)[i]);
+    case DT_Q8_0: {
+        const u8* b = row + (i / 32) * 34;
+        return ld_h(b) * (float)(i8)b[2 + i % 32];
+    }
+    case DT_Q4_0: {
+        const u8* b = row + (i / 32) * 18;
+        int j = i % 32;
+        int q = j < 16 ? (b[2 + j] & 0xF) : (b[2 + j - 16] >> 4);
+        return ld_h(b) * (float)(q - 8);
+    }
+    case DT_Q4_1: {
+        const u8* b = row + (i / 32) * 20;
+        int j = i % 32;
+        int q = j < 16 ? (b[4 + j] & 0xF) : (b[4 + j - 16] >> 4);
+        return ld_h(b) * (float)q + ld_h(b + 2);
+    }
+    case DT_Q4_K:
+    case DT_Q5_K: {
+        bool five = dt == DT_Q5_K;
+        const u8* b = row + (i / 256) * (five ? 176 : 144);
+        int k = i % 256, g = k / 32, l = k % 32;
+        const u8* ql = b + (five ? 48 : 16) + 32 * (g / 2);
+        int q = (g & 1) ? (ql[l] >> 4) : (ql[l] & 0xF);
+        if (five) q += ((b[16 + l] >> g) & 1) << 4;
+        float sc, m;
+        scale_min_k4(g, b + 4, &sc, &m);
+        return ld_h(b) * sc * (float)q - ld_h(b + 2) * m;
+    }
+    case DT_Q6_K: {
+        const u8* b = row + (i / 256) * 210;
+        int k = i % 256, n = k / 128, r = k % 128, kq = r / 32, l = r % 32;
+        const u8* ql = b + 64 * n;
+        u8 h = b[128 + 32 * n + l];
+        int lo = (kq & 1) ? ql[l + 32] : ql[l];
+        int q = ((kq & 2) ? (lo >> 4) : (lo & 0xF)) | (((h >> (2 * kq)) & 3) << 4);
+        return ld_h(b + 208) * (float)(i8)b[192 + 8 * n + l / 16 + 2 * kq] * (float)(q - 32);
+    }
+    }
+    return 0.0f;
+}
+
+// out[t][i] = table[tokens[t]][i] for the pass's tokens. Grid: (column blocks, tokens).
+extern "C" __global__ void embed(const u8* table, int dt, i64 row_bytes, int cols, const Step* step, float* out) {
+    int t = blockIdx.y;
+    const u8* row = table + (i64)step->tokens[t] * row_bytes;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) out[(i64)t * cols + i] = dequant_one(dt, row, i);
+}
+
+// out[r][c] = W[r][c] as f32, for rows [row0, row0 + rows). Grid-stride over elements.
+extern "C" __global__ void dequant_rows(const u8* w, int dt, i64 row_bytes, int cols, i64 row0, i64 rows, float* out) {
+    i64 total = rows * cols;
+    for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
+        i64 r = e / cols;
+        int c = (int)(e % cols);
+        out[e] = dequant_one(dt, w + (row0 + r) * row_bytes, c);
+    }
+}
+
+// ---- matrix-vector products: one warp per output row, one lane per 32-value group ----
+
+__device__ __forceinline__ float dot8_h(uint4 w, float4 a, float4 b) {
+    return h2f(w.x & 0xffff) * a.x + h2f(w.x >> 16) * a.y + h2f(w.y & 0xffff) * a.z + h2f(w.y >> 16) * a.w + h2f(w.z & 0xffff) * b.x +
+           h2f(w.z >> 16) * b.y + h2f(w.w & 0xffff) * b.z + h2f(w.w >> 16) * b.w;
+}
+
+__device__ __forceinline__ float dot8_bf(uint4 w, float4 a, float4 b) {
+    return __uint_as_float(w.x << 16) * a.x + __uint_as_float(w.x & 0xffff0000u) * a.y + __uint_as_float(w.y << 16) * a.z +
+           __uint_as_float(w.y & 0xffff0000u) * a.w + __uint_as_float(w.z << 16) * b.x + __uint_as_float(w.z & 0xffff0000u) * b.y +
+           __uint_as_float(w.w << 16) * b.z + __uint_as_float(w.w & 0xffff0000u) * b.w;
+}
+
+// Sum over 8 nibbles of `q` (low nibble first in each byte: values j and j+16 of a block live in
+// one byte, so the low nibbles of 4 bytes pair with x[j..j+4], the high ones with x[j+16..j+20]).
+__device__ __forceinline__ void nib4(u32 q, const float* xl, const float* xh, float* lo, float* hi) {
+    *lo += (float)(q & 0xF) * xl[0] + (float)((q >> 8) & 0xF) * xl[1] + (float)((q >> 16) & 0xF) * xl[2] + (float)((q >> 24) & 0xF) * xl[3];
+    *hi += (float)((q >> 4) & 0xF) * xh[0] + (float)((q >> 12) & 0xF) * xh[1] + (float)((q >> 20) & 0xF) * xh[2] + (float)(q >> 28) * xh[3];
+}
+
+// Dot of 32-value group `g` of a row with x[32g .. 32g+32).
+template <int DT>
+__device__ __forceinline__ float dot_group(const u8* row, int g, const float* __restrict__ x) {
+    const float* xg = x + 32 * g;
+    if (DT == DT_F32) {
+        const float4* w = (const float4*)(row + 128 * g);
+        const float4* xv = (const float4*)xg;
+        float s = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float4 a = w[k], b = xv[k];
+            s += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+        }
+        return s;
+    } else if (DT == DT_F16 || DT == DT_BF16) {
+        const uint4* w = (const uint4*)(row + 64 * g);
+        const float4* xv = (const float4*)xg;
+        uint4 ws[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) ws[k] = w[k];
+        float s = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) s += DT == DT_F16 ? dot8_h(ws[k], xv[2 * k], xv[2 * k + 1]) : dot8_bf(ws[k], xv[2 * k], xv[2 * k + 1]);
+        return s;
+    } else if (DT == DT_Q8_0) {
+        const u8* b = row + 34 * g;
+        const u16* q = (const u16*)(b + 2);
+        float s = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 16; k++) {
+            u16 v = q[k];
+            s += (float)(i8)(v & 0xff) * xg[2 * k] + (float)(i8)(v >> 8) * xg[2 * k + 1];
+        }
+        return s * ld_h(b);
+    } else if (DT == DT_Q4_0 || DT == DT_Q4_1) {
+        const int hdr = DT == DT_Q4_0 ? 2 : 4;
+        const u8* b = row + (DT == DT_Q4_0 ? 18 : 20) * g;
+        float lo = 0.0f, hi = 0.0f, xs = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            u32 q = DT == DT_Q4_0 ? ((u32)((const u16*)(b + hdr))[2 * k] | ((u32)((const u16*)(b + hdr))[2 * k + 1] << 16)) : ((const u32*)(b + hdr))[k];
+            nib4(q, xg + 4 * k, xg + 16 + 4 * k, &lo, &hi);
+        }
+#pragma unroll
+        for (int k = 0; k < 32; k++) xs += xg[k];
+        float d = ld_h(b);
+        return DT == DT_Q4_0 ? d * (lo + hi - 8.0f * xs) : d * (lo + hi) + ld_h(b + 2) * xs;
+    } else if (DT == DT_Q4_K || DT == DT_Q5_K) {
+        const bool five = DT == DT_Q5_K;
+        const u8* b = row + (five ? 176 : 144) * (g / 8);
+        int sub = g % 8;
+        const uint4* qv = (const uint4*)(b + (five ? 48 : 16) + 32 * (sub / 2));
+        uint4 q0 = qv[0], q1 = qv[1];
+        u32 qs[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+        u32 hb[8];
+        if (five) {
+            const uint4* hv = (const uint4*)(b + 16);
+            uint4 h0 = hv[0], h1 = hv[1];
+            hb[0] = h0.x; hb[1] = h0.y; hb[2] = h0.z; hb[3] = h0.w;
+            hb[4] = h1.x; hb[5] = h1.y; hb[6] = h1.z; hb[7] = h1.w;
+        }
+        int shift = (sub & 1) * 4;
+        float s = 0.0f, xs = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int q = (qs[k] >> (8 * j + shift)) & 0xF;
+                if (five) q += ((hb[k] >> (8 * j + sub)) & 1) << 4;
+                float xv = xg[4 * k + j];
+                s += (float)q * xv;
+                xs += xv;
+            }
+        }
+        float sc, m;
+        scale_min_k4(sub, b + 4, &sc, &m);
+        return ld_h(b) * sc * s - ld_h(b + 2) * m * xs;
+    } else {  // DT_Q6_K: bytes are not 16-byte aligned (210-byte blocks): plain byte loads
+        const u8* b = row + 210 * (g / 8);
+        int sub = g % 8, n = sub / 4, kq = sub % 4;
+        const u8* ql = b + 64 * n + ((kq & 1) ? 32 : 0);
+        const u8* qh = b + 128 + 32 * n;
+        int shift = (kq & 2) ? 4 : 0;
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int l = 0; l < 32; l++) {
+            int q = ((ql[l] >> shift) & 0xF) | (((qh[l] >> (2 * kq)) & 3) << 4);
+            float v = (float)(q - 32) * xg[l];
+            if (l < 16) s0 += v; else s1 += v;
+        }
+        const i8* sc = (const i8*)(b + 192 + 8 * n);
+        return ld_h(b + 208) * ((float)sc[2 * kq] * s0 + (float)sc[1 + 2 * kq] * s1);
+    }
+}
+
+// Up to three products of the same input (q/k/v, gate/up), rows laid end to end across the
+// grid. `add`: y += W·x (a residual connection) instead of y = W·x.
+struct Seg {
+    const u8* w;
+    float* y;
+    int rows;
+};
+
+template <int DT>
+__device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    Seg s = s0;
+    int r = warp;
+    if (r >= s0.rows) {
+        r -= s0.rows;
+        s = s1;
+        if (r >= s1.rows) {
+            r -= s1.rows;
+            s = s2;
+            if (r >= s2.rows) return;
+        }
+    }
+    const u8* row = s.w + (i64)r * row_bytes;
+    int groups = cols / 32;
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int g = lane; g < groups; g += 32) acc += dot_group<DT>(row, g, x);
+    for (int i = groups * 32 + lane; i < cols; i += 32) acc += dequant_one(DT, row, i) * x[i];
+    acc = warp_sum(acc);
+    if (lane == 0) s.y[r] = add ? s.y[r] + acc : acc;
+}
+
+#define MATVEC(name, DT) \
+    extern "C" __global__ void name(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add) { \
+        matvec<DT>(s0, s1, s2, row_bytes, cols, x, add); \
+    }
+MATVEC(matvec_f32, DT_F32)
+MATVEC(matvec_f16, DT_F16)
+MATVEC(matvec_bf16, DT_BF16)
+MATVEC(matvec_q8_0, DT_Q8_0)
+MATVEC(matvec_q4_0, DT_Q4_0)
+MATVEC(matvec_q4_1, DT_Q4_1)
+MATVEC(matvec_q4_k, DT_Q4_K)
+MATVEC(matvec_q5_k, DT_Q5_K)
+MATVEC(matvec_q6_k, DT_Q6_K)
+
+// ---- normalization, rotary embedding, activations ----
+
+// out[r] = x[r] / rms(x[r]) * w. One block per row.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps) {
+    __shared__ float part[32];
+    const float* xr = x + (i64)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    float scale = 1.0f / sqrtf(part[0] / (float)dim + eps);
+    float* o = out + (i64)blockIdx.x * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * scale * w[i];
+}
+
+// Rotary embedding in place on [n tokens][heads][head_dim] at positions step->pos0 + t.
+// `half_split`: pairs (i, i + d/2) (Hugging Face); otherwise (2i, 2i + 1) (GGUF).
+extern "C" __global__ void rope(float* x, const float* inv_freq, int n, int heads, int head_dim, int half_split, const Step* step) {
+    int half = head_dim / 2;
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n * heads * half) return;
+    int i = idx % half, th = idx / half, t = th / heads;
+    float s, c;
+    sincosf((float)(step->pos0 + t) * inv_freq[i], &s, &c);
+    float* v = x + (i64)th * head_dim;
+    int a = half_split ? i : 2 * i, b = half_split ? i + half : 2 * i + 1;
+    float x0 = v[a], x1 = v[b];
+    v[a] = x0 * c - x1 * s;
+    v[b] = x0 * s + x1 * c;
+}
+
+// gate[i] = silu(gate[i]) * up[i]
+extern "C" __global__ void silu_mul(float* gate, const float* up, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// x[i] += y[i]
+extern "C" __global__ void add(float* x, const float* y, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) x[i] += y[i];
+}
+
+// ---- attention over the f16 KV cache ----
+
+// Writes the pass's K and V rows ([n][kv_dim] f32) into the cache at positions step->pos0 + t.
+extern "C" __global__ void kv_store(const float* k, const float* v, u16* kc, u16* vc, int n, int kv_dim, const Step* step) {
+    i64 total = (i64)n * kv_dim;
+    i64 base = (i64)step->pos0 * kv_dim;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        kc[base + i] = f2h(k[i]);
+        vc[base + i] = f2h(v[i]);
+    }
+}
+
+#define MAX_HD_PER_LANE 8  // head_dim up to 256
+
+// Split-context ("flash decoding") attention, first half. Block (head, token, split) covers
+// positions [split*chunk, min(split*chunk + chunk, ctx)) of token t's causal context
+// ctx = pos0 + t + 1; each warp runs an online softmax over every 4th position, then the warps
+// merge. Writes the split's running max, sum and unnormalized output.
+extern "C" __global__ void attn_partial(const float* q, const u16* kc, const u16* vc, float* part, int n_heads, int n_kv_heads, int head_dim, int chunk,
+                                        float scale, const Step* step) {
+    const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int per = head_dim / 32;  // values per lane
+    const int kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
+    const int ctx = step->pos0 + t + 1;
+    const int start = split * chunk, end = min(start + chunk, ctx);
+    float* out = part + (((i64)t * n_heads + h) * splits + split) * (head_dim + 2);
+
+    float qv[MAX_HD_PER_LANE], acc[MAX_HD_PER_LANE];
+    const float* qh = q + ((i64)t * n_heads + h) * head_dim;
+#pragma unroll
+    for (int j = 0; j < MAX_HD_PER_LANE; j++) {
+        qv[j] = j < per ? qh[lane * per + j] : 0.0f;
+        acc[j] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int p = start + warp; p < end; p += warps) {
+        const u16* kr = kc + (i64)p * kv_dim + kvh * head_dim + lane * per;
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MAX_HD_PER_LANE; j++)
+            if (j < per) s += qv[j] * h2f(kr[j]);
+        s = warp_sum(s) * scale;
+        float m_new = fmaxf(m, s);
+        float corr = expf(m - m_new), e = expf(s - m_new);
+        const u16* vr = vc + (i64)p * kv_dim + kvh * head_dim + lane * per;
+#pragma unroll
+        for (int j = 0; j < MAX_HD_PER_LANE; j++)
+            if (j < per) acc[j] = acc[j] * corr + e * h2f(vr[j]);
+        l = l * corr + e;
+        m = m_new;
+    }
+    // Merge the warps of this block through shared memory.
+    __shared__ float sm_m[32], sm_l[32];
+    __shared__ float sm_acc[32 * 256];
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_HD_PER_LANE; j++)
+        if (j < per) sm_acc[warp * head_dim + lane * per + j] = acc[j];
+    __syncthreads();
+    float big = -INFINITY;
+    for (int w = 0; w < warps; w++) big = fmaxf(big, sm_m[w]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.0f;
+        for (int w = 0; w < warps; w++)
+            if (sm_m[w] > -INFINITY) a += sm_acc[w * head_dim + d] * expf(sm_m[w] - big);
+        out[2 + d] = a;
+    }
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (int w = 0; w < warps; w++)
+            if (sm_m[w] > -INFINITY) sum += sm_l[w] * expf(sm_m[w] - big);
+        out[0] = big;
+        out[1] = sum;
+    }
+}
+
+// Second half: merges the splits of (head, token) into out[t][h][:]. Block: head_dim threads.
+extern "C" __global__ void attn_combine(const float* part, float* out, int n_heads, int head_dim, int splits) {
+    const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
+    const float* p = part + ((i64)t * n_heads + h) * splits * (head_dim + 2);
+    float big = -INFINITY;
+    for (int s = 0; s < splits; s++) big = fmaxf(big, p[s * (head_dim + 2)]);
+    float sum = 0.0f, a = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float* ps = p + s * (head_dim + 2);
+        if (ps[0] > -INFINITY) {
+            float w = expf(ps[0] - big);
+            sum += ps[1] * w;
+            a += ps[2 + d] * w;
+        }
+    }
+    if (d < head_dim) out[((i64)t * n_heads + h) * head_dim + d] = a / sum;
+}
