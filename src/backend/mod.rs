@@ -99,6 +99,17 @@ pub trait Backend: Send + Sync {
     /// product computed there and copied back into `c`.
     fn gemm_copied(&self, a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) -> Result<(), BackendError>;
 
+    /// Device memory in use on the whole device, where the device has its own memory (GPUs).
+    fn device_memory_used(&self) -> Option<usize> {
+        None
+    }
+
+    /// Measured device-memory bandwidth in GB/s (bytes read + written per second by a large
+    /// device-to-device copy), where the device has its own memory. Used for the decode floor.
+    fn memory_bandwidth(&self) -> Option<f64> {
+        None
+    }
+
     /// Copies host bytes into a new device buffer.
     fn upload(&self, bytes: &[u8]) -> Result<Box<dyn DeviceBuffer>, BackendError>;
 

@@ -52,6 +52,10 @@ pub struct InferenceReport {
     pub rss_after_load_mb: f64,
     pub prefill: Vec<PrefillRow>,
     pub decode: DecodeRow,
+    /// Measured device-memory bandwidth (GPUs), and the decode floor it implies: every weight
+    /// byte read once per token.
+    pub bandwidth_gb_s: Option<f64>,
+    pub floor_ms_per_token: Option<f64>,
     pub boundary: Option<Boundary>,
 }
 
@@ -80,13 +84,15 @@ pub struct Options {
     pub decode_tokens: usize,
     pub repeats: usize,
     pub boundary: bool,
+    /// KV cache size of the timed sessions (at least what the runs need).
+    pub context: usize,
 }
 
 /// Runs the benchmark on a loaded model.
 pub fn run(model: Arc<Model>, tok: Arc<Tokenizer>, load_ms: f64, opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result<InferenceReport> {
     let greedy = SamplerConfig::default();
     let max_prefill = opts.prefill_sizes.iter().copied().max().unwrap_or(0);
-    let ctx = (max_prefill + opts.decode_tokens + 16).min(model.config.context_length);
+    let ctx = (max_prefill + opts.decode_tokens + 16).max(opts.context).min(model.config.context_length);
     let mut prefill = Vec::new();
     for &n in &opts.prefill_sizes {
         progress(&format!("prefill {n} tokens"));
@@ -108,6 +114,11 @@ pub fn run(model: Arc<Model>, tok: Arc<Tokenizer>, load_ms: f64, opts: &Options,
         let mut s = Session::new(model.clone(), tok.clone(), ctx, greedy.clone())?;
         s.eval(&prompt_tokens(&tok, 5))?;
         let mut next = crate::engine::sampler::argmax(s.logits());
+        // Two untimed steps: a GPU captures its decode graph on the second.
+        for _ in 0..2 {
+            s.eval(&[next])?;
+            next = crate::engine::sampler::argmax(s.logits());
+        }
         let t = Instant::now();
         for _ in 0..opts.decode_tokens {
             s.eval(&[next])?;
@@ -131,7 +142,10 @@ pub fn run(model: Arc<Model>, tok: Arc<Tokenizer>, load_ms: f64, opts: &Options,
         .map(|l| l.wq.nbytes() + l.wk.nbytes() + l.wv.nbytes() + l.wo.nbytes() + l.w_gate.nbytes() + l.w_up.nbytes() + l.w_down.nbytes())
         .sum::<usize>()
         + model.weights.output.nbytes();
+    let bandwidth_gb_s = model.backend.memory_bandwidth();
     Ok(InferenceReport {
+        bandwidth_gb_s,
+        floor_ms_per_token: bandwidth_gb_s.map(|bw| weights as f64 / (bw * 1e9) * 1e3),
         model: model.identity.name.clone(),
         device: model.backend.info().name.clone(),
         threads: model.backend.info().parallelism,

@@ -2,6 +2,7 @@
 //! as a table or as JSON.
 
 pub mod inference;
+pub mod parity;
 pub mod snapshot;
 pub mod zero_copy;
 

@@ -17,6 +17,70 @@ pub enum BenchCommand {
     /// Snapshot save and restore time, file size and bytes/token vs re-prefilling the same
     /// context from scratch, at several context lengths
     Snapshot(SnapshotArgs),
+    /// Does a device compute what the CPU computes? Loads the model on both, prefills a prompt
+    /// and decodes greedily, comparing logits (max relative error) and tokens at every step
+    Parity(ParityArgs),
+}
+
+#[derive(Args)]
+pub struct ParityArgs {
+    /// Model: registry name, .gguf file or Hugging Face folder
+    #[arg(short, long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// The device to check against the CPU
+    #[arg(long, default_value = "cuda")]
+    pub device: DeviceSpec,
+    /// CPU worker threads for the reference (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Prompt text (tokenized without a chat template)
+    #[arg(long, default_value = "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by the sea,")]
+    pub prompt: String,
+    /// Greedy tokens to decode after the prompt
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// Largest acceptable relative logit error (max |cpu - device| / max |cpu|); the command fails
+    /// above it or when a greedy token differs
+    #[arg(long, default_value_t = 1e-2)]
+    pub tolerance: f32,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ParityArgs {
+    fn execute(self) -> anyhow::Result<()> {
+        let reference = BenchModel { model: self.model.clone(), device: DeviceSpec::Cpu, threads: self.threads }.load()?;
+        let device = BenchModel { model: self.model.clone(), device: self.device, threads: self.threads }.load()?;
+        let prompt = reference.tokenizer.encode(&self.prompt, false)?;
+        let report = driftwood::bench::parity::run(reference.model.clone(), device.model.clone(), reference.tokenizer.clone(), &prompt, self.steps)?;
+        let pass = report.passes(self.tolerance);
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("parity bench: {} on {} vs {}", report.model, report.device, report.reference);
+            println!();
+            println!("{:>5} {:>9} {:>9} {:>12} {:>10} {:>9}", "step", "cpu", "device", "max |diff|", "rel err", "top2 gap");
+            for r in &report.steps {
+                let flag = if r.cpu_token == r.device_token { "" } else { "  <- differs" };
+                println!("{:>5} {:>9} {:>9} {:>12.2e} {:>10.2e} {:>9.3}{flag}", r.step, r.cpu_token, r.device_token, r.max_abs_diff, r.rel_err, r.cpu_top2_gap);
+            }
+            println!();
+            println!(
+                "greedy tokens agree: {}/{}; max relative error {:.2e} (tolerance {:.0e}); mean |diff| {:.2e}: {}",
+                report.tokens_agree,
+                report.steps.len(),
+                report.max_rel_err,
+                self.tolerance,
+                report.mean_abs_diff,
+                if pass { "PASS" } else { "FAIL" }
+            );
+        }
+        if !pass {
+            anyhow::bail!("{} differs from the CPU beyond the tolerance", report.device);
+        }
+        Ok(())
+    }
 }
 
 /// The model and device a model benchmark runs on.
@@ -106,6 +170,9 @@ pub struct InferenceArgs {
     /// Skip the Wasm-driven boundary measurement
     #[arg(long)]
     pub no_boundary: bool,
+    /// KV cache size of the timed sessions (default: just what the runs need)
+    #[arg(long, default_value_t = 0)]
+    pub ctx: usize,
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
@@ -124,6 +191,7 @@ impl InferenceArgs {
             decode_tokens: self.decode,
             repeats: self.repeats,
             boundary: !self.no_boundary,
+            context: self.ctx,
         };
         let report =
             driftwood::bench::inference::run(loaded.model.clone(), loaded.tokenizer.clone(), loaded.load_ms, &opts, |m| bar.set_message(m.to_string()))?;
@@ -146,6 +214,10 @@ impl InferenceArgs {
             println!("{:<36} {:>8.3} ms/tok {:>14}", "decode driven from wasm", b.ms_per_token_wasm, "");
             println!("{:<36} {:>8.2} us/tok {:>13.3}%", "host-function boundary overhead", b.overhead_us_per_token, b.overhead_percent);
         }
+        if let (Some(bw), Some(floor)) = (report.bandwidth_gb_s, report.floor_ms_per_token) {
+            println!("{:<36} {:>8.3} ms/tok {:>14}", "decode floor (weights / bandwidth)", floor, format!("{bw:.0} GB/s"));
+            println!("{:<36} {:>11.2}x", "decode time / floor", d.ms_per_token / floor);
+        }
         println!("{:<36} {:>11.1} MB", "process RSS after load", report.rss_after_load_mb);
         Ok(())
     }
@@ -153,8 +225,8 @@ impl InferenceArgs {
 
 #[derive(Args)]
 pub struct ZeroCopyArgs {
-    /// Square GEMM sizes to measure
-    #[arg(long, value_delimiter = ',', default_value = "128,512,1024")]
+    /// Square GEMM sizes to measure [default: 128,512,1024 on the CPU; up to 4096 on a GPU]
+    #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<usize>,
     /// Compute device: auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
@@ -176,6 +248,7 @@ impl BenchCommand {
             BenchCommand::ZeroCopy(args) => args.execute(),
             BenchCommand::Inference(args) => args.execute(),
             BenchCommand::Snapshot(args) => args.execute(),
+            BenchCommand::Parity(args) => args.execute(),
         }
     }
 }
@@ -186,7 +259,12 @@ impl ZeroCopyArgs {
             anyhow::bail!("--sizes: each size must be between 1 and 8192, got {:?}", self.sizes);
         }
         let backend = backend::open(self.device, self.threads)?;
-        let report = zero_copy::run(backend, &self.sizes, self.min_time)?;
+        let sizes = match (self.sizes.is_empty(), backend.info().kind) {
+            (false, _) => self.sizes.clone(),
+            (true, backend::DeviceKind::Cpu) => vec![128, 512, 1024],
+            (true, _) => vec![128, 512, 1024, 2048, 4096],
+        };
+        let report = zero_copy::run(backend, &sizes, self.min_time)?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
             return Ok(());
@@ -208,6 +286,9 @@ impl ZeroCopyArgs {
             format!("{:.2} MB", mb(r.zero_copy_delta)),
             format!("{:.2} MB", mb(r.copy_delta))
         );
+        if let (Some(zc), Some(cp)) = (r.device_zero_copy_delta, r.device_copy_delta) {
+            println!("{:<44} {:>18} {:>18}", "device memory delta", format!("{:.2} MB", mb(zc)), format!("{:.2} MB", mb(cp)));
+        }
         for g in &report.gemm {
             println!(
                 "{:<44} {:>18} {:>18}",
@@ -217,7 +298,7 @@ impl ZeroCopyArgs {
             );
             println!(
                 "{:<44} {:>18} {:>18}",
-                format!("gemm {0} errors / {1} (max |err| {2:.1e})", g.size, g.size * g.size, g.max_abs_error),
+                format!("gemm {0} errors / {1} checked (max |err| {2:.1e})", g.size, g.checked, g.max_abs_error),
                 g.errors_zero_copy,
                 g.errors_copy
             );

@@ -576,6 +576,30 @@ impl Backend for CudaBackend {
         unsafe { result::memcpy_dtoh_sync(&mut c[..m * n], bufs[2].ptr()) }.map_err(op)
     }
 
+    fn device_memory_used(&self) -> Option<usize> {
+        let _e = self.enter("memory").ok()?;
+        self.sync("memory").ok()?;
+        result::mem_get_info().ok().map(|(free, total)| total - free)
+    }
+
+    fn memory_bandwidth(&self) -> Option<f64> {
+        let _e = self.enter("bandwidth").ok()?;
+        const BYTES: usize = 1 << 30;
+        let (src, dst) = (DevMem::zeroed(&self.ctx, BYTES).ok()?, DevMem::zeroed(&self.ctx, BYTES).ok()?);
+        let (start, end) = (self.ctx.new_event(None).ok()?, self.ctx.new_event(None).ok()?);
+        let mut samples = Vec::new();
+        for _ in 0..12 {
+            start.record(&self.stream).ok()?;
+            // SAFETY: both buffers hold BYTES bytes.
+            unsafe { result::memcpy_dtod_async(dst.ptr(), src.ptr(), BYTES, self.s()) }.ok()?;
+            end.record(&self.stream).ok()?;
+            end.synchronize().ok()?;
+            samples.push(start.elapsed_ms(&end).ok()? as f64);
+        }
+        let ms = crate::bench::median_ms(&mut samples[2..]);
+        Some(2.0 * BYTES as f64 / (ms * 1e-3) / 1e9)
+    }
+
     fn upload(&self, bytes: &[u8]) -> Result<Box<dyn DeviceBuffer>, BackendError> {
         let _e = self.enter("upload")?;
         Ok(Box::new(self.upload_bytes("upload", bytes)?))
