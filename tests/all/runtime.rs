@@ -154,3 +154,28 @@ fn bench_zero_copy_reports_identity_and_correct_results() {
     assert!(zc < 1 << 20, "zero-copy RSS delta {zc}");
     assert!(cp > 15 << 20, "copy RSS delta {cp}");
 }
+
+/// `--device cuda` on a machine without CUDA is a clear error (exit 2) naming the device and
+/// what is missing; `--device auto` falls back to the CPU silently and runs.
+#[test]
+fn cuda_without_a_driver_is_a_clear_error_and_auto_falls_back_to_the_cpu() {
+    if driftwood::backend::cuda::unavailable_reason(0).is_none() {
+        eprintln!("skipped: this machine has a CUDA device");
+        return;
+    }
+    let echo = example_wasm("echo");
+    let echo = echo.to_str().unwrap();
+    let r = run(&["run", echo, "--device", "cuda", "--prompt", "hi"]);
+    r.assert_code(2);
+    assert!(r.stderr.contains("cuda:0 is not available"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+    let r = run(&["run", echo, "--device", "cuda:7", "--prompt", "hi"]);
+    r.assert_code(2);
+    assert!(r.stderr.contains("cuda:7 is not available"), "{}", r.stderr);
+    let r = run(&["run", echo, "--device", "auto", "--prompt", "hi"]);
+    r.assert_code(0);
+    assert!(r.stdout.contains("hi"), "{}", r.stdout);
+    let r = run(&["run", echo, "--device", "gpu", "--prompt", "hi"]);
+    r.assert_code(2);
+    assert!(r.stderr.contains("expected auto, cpu, cuda or cuda:N"), "{}", r.stderr);
+}

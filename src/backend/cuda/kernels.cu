@@ -195,19 +195,26 @@ __device__ __forceinline__ float dot_group(const u8* row, int g, const float* __
             s += (float)(i8)(v & 0xff) * xg[2 * k] + (float)(i8)(v >> 8) * xg[2 * k + 1];
         }
         return s * ld_h(b);
-    } else if (DT == DT_Q4_0 || DT == DT_Q4_1) {
-        const int hdr = DT == DT_Q4_0 ? 2 : 4;
-        const u8* b = row + (DT == DT_Q4_0 ? 18 : 20) * g;
+    } else if (DT == DT_Q4_0) {
+        // Values are (q - 8) * d: the bias is folded into each nibble before the multiply.
+        const u8* b = row + 18 * g;
+        const u16* q16 = (const u16*)(b + 2);
+        float lo = 0.0f, hi = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            u32 q = q16[k];
+            lo += (float)((int)(q & 0xF) - 8) * xg[2 * k] + (float)((int)((q >> 8) & 0xF) - 8) * xg[2 * k + 1];
+            hi += (float)((int)((q >> 4) & 0xF) - 8) * xg[16 + 2 * k] + (float)((int)(q >> 12) - 8) * xg[16 + 2 * k + 1];
+        }
+        return ld_h(b) * (lo + hi);
+    } else if (DT == DT_Q4_1) {
+        const u8* b = row + 20 * g;
         float lo = 0.0f, hi = 0.0f, xs = 0.0f;
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            u32 q = DT == DT_Q4_0 ? ((u32)((const u16*)(b + hdr))[2 * k] | ((u32)((const u16*)(b + hdr))[2 * k + 1] << 16)) : ((const u32*)(b + hdr))[k];
-            nib4(q, xg + 4 * k, xg + 16 + 4 * k, &lo, &hi);
-        }
+        for (int k = 0; k < 4; k++) nib4(((const u32*)(b + 4))[k], xg + 4 * k, xg + 16 + 4 * k, &lo, &hi);
 #pragma unroll
         for (int k = 0; k < 32; k++) xs += xg[k];
-        float d = ld_h(b);
-        return DT == DT_Q4_0 ? d * (lo + hi - 8.0f * xs) : d * (lo + hi) + ld_h(b + 2) * xs;
+        return ld_h(b) * (lo + hi) + ld_h(b + 2) * xs;
     } else if (DT == DT_Q4_K || DT == DT_Q5_K) {
         const bool five = DT == DT_Q5_K;
         const u8* b = row + (five ? 176 : 144) * (g / 8);

@@ -565,15 +565,22 @@ impl Backend for CudaBackend {
             }
         }
         let op = |e| dev_err("gemm", err("cuMemcpy", e));
+        // The operands may lie in actor memory, which is registered chunk by chunk as it grew,
+        // and the driver refuses a copy that spans two registrations: stage through ordinary
+        // host memory, as a program without zero-copy would.
+        let (ha, hb) = (a[..m * k].to_vec(), b[..k * n].to_vec());
+        let mut hc = vec![0f32; m * n];
         // SAFETY: each device buffer holds at least the bytes copied into or out of it.
         unsafe {
-            result::memcpy_htod_sync(bufs[0].ptr(), &a[..m * k]).map_err(op)?;
-            result::memcpy_htod_sync(bufs[1].ptr(), &b[..k * n]).map_err(op)?;
+            result::memcpy_htod_sync(bufs[0].ptr(), &ha).map_err(op)?;
+            result::memcpy_htod_sync(bufs[1].ptr(), &hb).map_err(op)?;
         }
         self.sgemm_row_major(bufs[0].ptr() as usize, bufs[1].ptr() as usize, bufs[2].ptr() as usize, m, n, k)?;
         self.sync("gemm")?;
         // SAFETY: as above.
-        unsafe { result::memcpy_dtoh_sync(&mut c[..m * n], bufs[2].ptr()) }.map_err(op)
+        unsafe { result::memcpy_dtoh_sync(&mut hc, bufs[2].ptr()) }.map_err(op)?;
+        c[..m * n].copy_from_slice(&hc);
+        Ok(())
     }
 
     fn device_memory_used(&self) -> Option<usize> {
