@@ -113,7 +113,7 @@ if has snapshot; then
         for pair in "cpu cuda" "cuda cpu"; do
             set -- $pair
             "$BIN" run "$CHAT" -m "$MODEL" --device "$1" --prompt "/max 12" --prompt "Name a colour." --save "$S/from-$1.dws" > /dev/null
-            "$BIN" restore "$S/from-$1.dws" --device "$2" --prompt "And another one?" > "$S/$1-then-$2.txt"
+            "$BIN" restore "$S/from-$1.dws" -m "$MODEL" --device "$2" --prompt "And another one?" > "$S/$1-then-$2.txt"
             if [ "$(tail -n 1 "$S/$1-then-$2.txt")" = "$(tail -n 1 "$S/whole-$1.txt")" ]; then
                 echo "snapshot $1 -> $2: the reply matches the uninterrupted $1 run"
             else

@@ -152,6 +152,13 @@ pub trait Backend: Send + Sync {
         self.matmul(w, x, scratch, n_tokens)?;
         self.add(out, scratch, n_tokens * w.rows)
     }
+    /// `matmul_many` of the RMS-normalized input: `xn = norm(x)` (written to `xn` unless the
+    /// backend fuses the norm into the products), then the products of `xn`.
+    fn norm_matmul_many(&self, x: &Buffer, norm: Norm<'_>, xn: &mut Buffer, ws: &[&Linear], outs: &mut [&mut Buffer], n_tokens: usize) -> Result<(), BackendError> {
+        let cols = ws.first().map(|w| w.cols).unwrap_or(0);
+        self.rms_norm(x, norm.weight, xn, n_tokens, cols, norm.eps)?;
+        self.matmul_many(ws, xn, outs, n_tokens)
+    }
     /// Several products of the same input (q/k/v, gate/up) in one dispatch.
     fn matmul_many(&self, ws: &[&Linear], x: &Buffer, outs: &mut [&mut Buffer], n_tokens: usize) -> Result<(), BackendError>;
     /// Rotary position embedding in place on `n_tokens × n_heads × head_dim`, positions from `pos0`.
@@ -159,6 +166,20 @@ pub trait Backend: Send + Sync {
     /// Appends `k`/`v` (`n_tokens × kv_dim`) at `pos0` and computes causal attention of `q`
     /// over positions `0..pos0 + t + 1` for each token into `out` (`n_tokens × n_heads × head_dim`).
     fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, shape: AttentionShape) -> Result<(), BackendError>;
+    /// Rotates `q` and `k`, then [`Backend::attention`]: the ops always run together, and a GPU
+    /// fuses the rotation with the cache write.
+    fn rope_attention(&self, q: &mut Buffer, k: &mut Buffer, v: &Buffer, rope: &Rope, kv: &mut KvLayer, out: &mut Buffer, shape: AttentionShape) -> Result<(), BackendError> {
+        self.rope(q, rope, shape.n_tokens, shape.n_heads, shape.pos0)?;
+        self.rope(k, rope, shape.n_tokens, shape.n_kv_heads, shape.pos0)?;
+        self.attention(q, k, v, kv, out, shape)
+    }
+    /// The feed-forward's first half on the normalized input: `xn = norm(x)`, then
+    /// `gate = silu(w_gate · xn) * (w_up · xn)`; `xn` and `up` are scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn ffn_gate_up(&self, x: &Buffer, norm: Norm<'_>, xn: &mut Buffer, w_gate: &Linear, w_up: &Linear, gate: &mut Buffer, up: &mut Buffer, n_tokens: usize) -> Result<(), BackendError> {
+        self.norm_matmul_many(x, norm, xn, &[w_gate, w_up], &mut [&mut *gate, &mut *up], n_tokens)?;
+        self.silu_mul(gate, up, n_tokens * w_gate.rows)
+    }
     /// `gate[i] = silu(gate[i]) * up[i]` for the first `n` values.
     fn silu_mul(&self, gate: &mut Buffer, up: &Buffer, n: usize) -> Result<(), BackendError>;
     /// `x[i] += y[i]` for the first `n` values.
@@ -240,6 +261,13 @@ impl Linear {
 pub enum KvLayer {
     Cpu { k: Vec<u16>, v: Vec<u16>, max_seq: usize, kv_dim: usize, scores: Vec<f32> },
     Cuda { k: cuda::DevMem, v: cuda::DevMem, max_seq: usize, kv_dim: usize },
+}
+
+/// An RMS norm to apply to a product's input: `x / rms(x) * weight`.
+#[derive(Clone, Copy)]
+pub struct Norm<'a> {
+    pub weight: &'a Buffer,
+    pub eps: f32,
 }
 
 /// Shapes for one attention call.

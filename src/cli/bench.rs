@@ -40,9 +40,11 @@ pub struct ParityArgs {
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
     /// Largest acceptable relative logit error (max |cpu - device| / max |cpu|); the command fails
-    /// above it or when a greedy token differs
-    #[arg(long, default_value_t = 1e-2)]
-    pub tolerance: f32,
+    /// above it or when a greedy token differs. Default by weight format: 1e-3 for f32, 1e-2 for
+    /// f16/bf16, 5e-2 for quantized formats, because the CPU reference rounds activations as
+    /// ggml does (to the weight's half type, or to 8-bit blocks) and the GPU keeps them in f32
+    #[arg(long)]
+    pub tolerance: Option<f32>,
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
@@ -54,7 +56,15 @@ impl ParityArgs {
         let device = BenchModel { model: self.model.clone(), device: self.device, threads: self.threads }.load()?;
         let prompt = reference.tokenizer.encode(&self.prompt, false)?;
         let report = driftwood::bench::parity::run(reference.model.clone(), device.model.clone(), reference.tokenizer.clone(), &prompt, self.steps)?;
-        let pass = report.passes(self.tolerance);
+        let tolerance = self.tolerance.unwrap_or_else(|| {
+            let dtype = reference.model.weights.layers.first().map(|l| l.wq.dtype).unwrap_or(driftwood::engine::dtype::DType::F32);
+            match dtype {
+                driftwood::engine::dtype::DType::F32 => 1e-3,
+                driftwood::engine::dtype::DType::F16 | driftwood::engine::dtype::DType::BF16 => 1e-2,
+                _ => 5e-2,
+            }
+        });
+        let pass = report.passes(tolerance);
         if self.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -71,7 +81,7 @@ impl ParityArgs {
                 report.tokens_agree,
                 report.steps.len(),
                 report.max_rel_err,
-                self.tolerance,
+                tolerance,
                 report.mean_abs_diff,
                 if pass { "PASS" } else { "FAIL" }
             );

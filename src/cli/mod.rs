@@ -5,6 +5,7 @@ mod control;
 mod model;
 mod run;
 mod snapshot;
+mod synth;
 
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ pub enum Command {
     /// Measure: zero-copy sharing, inference speed, snapshot save/restore (tables or --json)
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    Synth(synth::SynthArgs),
 }
 
 impl Command {
@@ -42,6 +44,7 @@ impl Command {
             Command::Inspect(args) => args.execute(),
             Command::Snapshot(args) => args.execute(),
             Command::Bench(cmd) => cmd.execute(),
+            Command::Synth(args) => args.execute(),
         }
     }
 }

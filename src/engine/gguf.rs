@@ -8,7 +8,8 @@
 //! share a layout); version 1 and big-endian files are refused with a clear message.
 //!
 //! The writer produces GGUF v3 files (used for synthesized test and benchmark models), aligned to
-//! 32 bytes or to `general.alignment` when that key is set.
+//! 32 bytes or to `general.alignment` when that key is set. A tensor's bytes may be given up front
+//! or streamed at write time, so a multi-gigabyte model never has to sit in memory whole.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -694,12 +695,23 @@ fn describe(v: &MetaValue) -> String {
     }
 }
 
+/// Writes one tensor's bytes, in order, into the file being written (see
+/// [`GgufWriter::add_tensor_streamed`]).
+pub type TensorFill<'a> = Box<dyn Fn(&mut (dyn Write + Send)) -> std::io::Result<()> + 'a>;
+
+/// Where a pending tensor's bytes come from.
+enum TensorData<'a> {
+    Bytes(Cow<'a, [u8]>),
+    /// Produced while the file is written; the byte count is checked afterwards.
+    Streamed(TensorFill<'a>),
+}
+
 /// A tensor waiting to be written.
 struct PendingTensor<'a> {
     name: String,
     dtype: DType,
     dims: Vec<u64>,
-    data: Cow<'a, [u8]>,
+    data: TensorData<'a>,
 }
 
 /// Builds a GGUF v3 file: metadata and tensors in insertion order.
@@ -727,7 +739,21 @@ impl<'a> GgufWriter<'a> {
     /// Queues a tensor. `dims` are in ggml order (`dims[0]` is the row length); `data` holds the
     /// packed rows. Shapes and sizes are checked by [`write`](Self::write).
     pub fn add_tensor(&mut self, name: impl Into<String>, dtype: DType, dims: &[u64], data: impl Into<Cow<'a, [u8]>>) -> &mut Self {
-        self.tensors.push(PendingTensor { name: name.into(), dtype, dims: dims.to_vec(), data: data.into() });
+        self.tensors.push(PendingTensor { name: name.into(), dtype, dims: dims.to_vec(), data: TensorData::Bytes(data.into()) });
+        self
+    }
+
+    /// Queues a tensor whose packed rows `fill` writes when the file is written, so only the
+    /// tensor being produced needs memory. `fill` must write exactly the bytes `dtype` and `dims`
+    /// call for (checked: a mismatch fails the write and leaves no file behind).
+    pub fn add_tensor_streamed(
+        &mut self,
+        name: impl Into<String>,
+        dtype: DType,
+        dims: &[u64],
+        fill: impl Fn(&mut (dyn Write + Send)) -> std::io::Result<()> + 'a,
+    ) -> &mut Self {
+        self.tensors.push(PendingTensor { name: name.into(), dtype, dims: dims.to_vec(), data: TensorData::Streamed(Box::new(fill)) });
         self
     }
 
@@ -744,6 +770,7 @@ impl<'a> GgufWriter<'a> {
             check_homogeneous(value).map_err(|e| invalid(format!("metadata '{key}': {e}")))?;
         }
         let mut offsets = Vec::with_capacity(self.tensors.len());
+        let mut sizes = Vec::with_capacity(self.tensors.len());
         let mut next: u64 = 0;
         for (i, t) in self.tensors.iter().enumerate() {
             if self.tensors[..i].iter().any(|o| o.name == t.name) {
@@ -753,10 +780,13 @@ impl<'a> GgufWriter<'a> {
                 return Err(invalid(format!("tensor '{}' has {} dimensions, expected at most {MAX_DIMS}", t.name, t.dims.len())));
             }
             let need = tensor_nbytes(t.dtype, &t.dims).map_err(|e| invalid(format!("tensor '{}': {e}", t.name)))?;
-            if need != t.data.len() as u64 {
-                return Err(invalid(format!("tensor '{}' has {} bytes, expected {need} for {} {:?}", t.name, t.data.len(), t.dtype, t.dims)));
+            if let TensorData::Bytes(data) = &t.data {
+                if need != data.len() as u64 {
+                    return Err(invalid(format!("tensor '{}' has {} bytes, expected {need} for {} {:?}", t.name, data.len(), t.dtype, t.dims)));
+                }
             }
             offsets.push(next);
+            sizes.push(need);
             next = align_up(next + need, alignment).ok_or_else(|| invalid("tensor data exceeds u64".to_string()))?;
         }
 
@@ -790,9 +820,19 @@ impl<'a> GgufWriter<'a> {
             }
             let data_start = align_up(w.written, alignment).unwrap_or(w.written);
             w.pad_to(data_start)?;
-            for (t, off) in self.tensors.iter().zip(&offsets) {
+            for ((t, off), &need) in self.tensors.iter().zip(&offsets).zip(&sizes) {
                 w.pad_to(data_start + off)?;
-                w.put(&t.data)?;
+                match &t.data {
+                    TensorData::Bytes(data) => w.put(data)?,
+                    TensorData::Streamed(fill) => {
+                        fill(&mut w)?;
+                        let wrote = w.written - (data_start + off);
+                        if wrote != need {
+                            let msg = format!("tensor '{}' streamed {wrote} bytes, expected {need} for {} {:?}", t.name, t.dtype, t.dims);
+                            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg));
+                        }
+                    }
+                }
             }
             w.pad_to(align_up(w.written, alignment).unwrap_or(w.written))?;
             let file = w.inner.into_inner().map_err(|e| e.into_error())?;
@@ -822,6 +862,18 @@ fn check_homogeneous(v: &MetaValue) -> Result<(), String> {
 struct CountingWriter<W: Write> {
     inner: W,
     written: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl<W: Write> CountingWriter<W> {
@@ -861,8 +913,10 @@ fn write_value<W: Write>(w: &mut CountingWriter<W>, v: &MetaValue) -> std::io::R
         MetaValue::Bool(x) => w.put(&[u8::from(*x)]),
         MetaValue::String(s) => write_str(w, s),
         MetaValue::Array(items) => {
-            // An empty array has no element to take a type from; it is written as u8.
-            let elem = items.first().map_or(ty::U8, MetaValue::type_id);
+            // An empty array has no element to take a type from. It is written as an array of
+            // strings: llama.cpp checks that type even when empty (`tokenizer.ggml.merges` of a
+            // byte-level vocabulary without merges), and no reader needs another for no elements.
+            let elem = items.first().map_or(ty::STRING, MetaValue::type_id);
             w.put(&elem.to_le_bytes())?;
             w.put(&(items.len() as u64).to_le_bytes())?;
             items.iter().try_for_each(|x| write_value(w, x))
@@ -930,7 +984,8 @@ mod tests {
             assert_eq!(t.dtype, p.dtype);
             assert_eq!(t.dims, p.dims);
             assert_eq!(t.offset % 32, 0, "{}", t.name);
-            assert_eq!(f.tensor_bytes(t), &p.data[..], "{}", t.name);
+            let TensorData::Bytes(data) = &p.data else { panic!("sample tensors are in memory") };
+            assert_eq!(f.tensor_bytes(t), &data[..], "{}", t.name);
         }
         assert_eq!(f.tensor("d.weight").unwrap().rows_cols(), (2, 256));
         assert!(f.tensor("nope").is_none());
@@ -968,6 +1023,45 @@ mod tests {
         w.add_meta("m", MetaValue::Array(vec![MetaValue::U8(1), MetaValue::I8(1)]));
         assert!(w.write(&path).is_err());
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn streamed_tensors_match_in_memory_ones_and_wrong_lengths_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (eager, streamed) = (dir.path().join("eager.gguf"), dir.path().join("streamed.gguf"));
+        let data: Vec<u8> = (0..6 * 34).map(|i| i as u8).collect();
+        let mut w = GgufWriter::new();
+        w.add_tensor("a", DType::F16, &[3], vec![1u8; 6]).add_tensor("b", DType::Q8_0, &[64, 3], data.clone());
+        w.write(&eager).unwrap();
+        let mut w = GgufWriter::new();
+        w.add_tensor("a", DType::F16, &[3], vec![1u8; 6]).add_tensor_streamed("b", DType::Q8_0, &[64, 3], |out| {
+            // In pieces, as a producer of a large tensor would.
+            data.chunks(50).try_for_each(|c| out.write_all(c))
+        });
+        w.write(&streamed).unwrap();
+        assert_eq!(std::fs::read(&eager).unwrap(), std::fs::read(&streamed).unwrap());
+
+        let mut w = GgufWriter::new();
+        w.add_tensor_streamed("short", DType::F32, &[4], |out| out.write_all(&[0u8; 12]));
+        let e = w.write(&streamed).unwrap_err().to_string();
+        assert!(e.contains("tensor 'short' streamed 12 bytes, expected 16"), "{e}");
+        assert!(!dir.path().join("streamed.gguf.tmp").exists());
+    }
+
+    #[test]
+    fn empty_merges_are_a_string_array_as_llama_cpp_requires() {
+        // llama.cpp refused a merge-less vocabulary: "invalid gguf type for tokenizer.ggml.merges".
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let mut w = GgufWriter::new();
+        w.add_meta("tokenizer.ggml.merges", MetaValue::Array(Vec::new()));
+        w.write(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let key = b"tokenizer.ggml.merges";
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+        let header: Vec<u8> = [ty::ARRAY.to_le_bytes(), ty::STRING.to_le_bytes()].concat().into_iter().chain(0u64.to_le_bytes()).collect();
+        assert_eq!(bytes[at..at + 16], header[..], "value type, element type, length");
+        assert_eq!(GgufFile::open(&path).unwrap().get_str_array("tokenizer.ggml.merges").unwrap(), Vec::<&str>::new());
     }
 
     #[test]

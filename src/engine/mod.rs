@@ -1,5 +1,6 @@
 //! The model side: formats (GGUF, safetensors), tokenizer, the Llama forward pass, sampling,
-//! and [`Session`], one actor's conversation state (KV cache, token history, sampler).
+//! synthesized random-weight models for speed work, and [`Session`], one actor's conversation
+//! state (KV cache, token history, sampler).
 
 pub mod dtype;
 pub mod gguf;
@@ -7,6 +8,7 @@ pub mod load;
 pub mod model;
 pub mod registry;
 pub mod sampler;
+pub mod synth;
 pub mod tokenizer;
 
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{AttentionShape, Backend, BackendError, Buffer, KvLayer, Linear, Rope, RopeStyle};
+use crate::backend::{AttentionShape, Backend, BackendError, Buffer, KvLayer, Linear, Norm, Rope, RopeStyle};
 
 /// Llama hyperparameters, read from the model file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,7 +173,7 @@ pub fn forward(backend: &dyn Backend, c: &Config, w: &Weights, s: &mut State, to
     let n = tokens.len();
     let pos0 = s.kv.len;
     debug_assert!(n > 0 && n <= s.max_batch && pos0 + n <= s.kv.max_seq);
-    let (dim, ffn) = (c.dim, c.ffn_dim);
+    let dim = c.dim;
     let shape = AttentionShape { n_tokens: n, pos0, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
     let state = s.id;
     backend.forward_pass(state, tokens, pos0, &mut || {
@@ -181,17 +181,14 @@ pub fn forward(backend: &dyn Backend, c: &Config, w: &Weights, s: &mut State, to
         backend.embed(&w.token_embd, tokens, &mut s.x)?;
         for (l, lw) in w.layers.iter().enumerate() {
             // attention: xn = norm(x); q, k, v = projections; rotate q, k; att = softmax(qK)V over the cache
-            backend.rms_norm(&s.x, &lw.attn_norm, &mut s.xn, n, dim, c.rms_eps)?;
-            backend.matmul_many(&[&lw.wq, &lw.wk, &lw.wv], &s.xn, &mut [&mut s.q, &mut s.k, &mut s.v], n)?;
-            backend.rope(&mut s.q, &w.rope, n, c.n_heads, pos0)?;
-            backend.rope(&mut s.k, &w.rope, n, c.n_kv_heads, pos0)?;
-            backend.attention(&s.q, &s.k, &s.v, &mut s.kv.layers[l], &mut s.att, shape)?;
+            let attn_norm = Norm { weight: &lw.attn_norm, eps: c.rms_eps };
+            backend.norm_matmul_many(&s.x, attn_norm, &mut s.xn, &[&lw.wq, &lw.wk, &lw.wv], &mut [&mut s.q, &mut s.k, &mut s.v], n)?;
+            backend.rope_attention(&mut s.q, &mut s.k, &s.v, &w.rope, &mut s.kv.layers[l], &mut s.att, shape)?;
             // x += wo · att
             backend.matmul_add(&lw.wo, &s.att, &mut s.x, &mut s.proj, n)?;
             // feed-forward: x += w_down · (silu(w_gate · xn) * (w_up · xn)), xn = norm(x)
-            backend.rms_norm(&s.x, &lw.ffn_norm, &mut s.xn, n, dim, c.rms_eps)?;
-            backend.matmul_many(&[&lw.w_gate, &lw.w_up], &s.xn, &mut [&mut s.gate, &mut s.up], n)?;
-            backend.silu_mul(&mut s.gate, &s.up, n * ffn)?;
+            let ffn_norm = Norm { weight: &lw.ffn_norm, eps: c.rms_eps };
+            backend.ffn_gate_up(&s.x, ffn_norm, &mut s.xn, &lw.w_gate, &lw.w_up, &mut s.gate, &mut s.up, n)?;
             backend.matmul_add(&lw.w_down, &s.gate, &mut s.x, &mut s.proj, n)?;
         }
         // logits of the last token only: output · norm(x[n-1])

@@ -10,3 +10,4 @@ mod formats;
 mod model;
 mod runtime;
 mod snapshot;
+mod synth;

@@ -263,16 +263,113 @@ __device__ __forceinline__ float dot_group(const u8* row, int g, const float* __
     }
 }
 
-// Up to three products of the same input (q/k/v, gate/up), rows laid end to end across the
-// grid. `add`: y += W·x (a residual connection) instead of y = W·x.
+// Dense rows (f32/f16/bf16): each lane reads 16-byte chunks and the warp reads 512 contiguous
+// bytes per step, so weight and activation loads are fully coalesced. Needs 16-byte aligned rows
+// (the host checks cols and falls back to matvec_any otherwise).
+template <int DT>
+__device__ __forceinline__ float dot_dense(const u8* row, int cols, const float* __restrict__ x, int lane) {
+    float acc = 0.0f;
+    if (DT == DT_F32) {
+#pragma unroll 4
+        for (int c = lane * 4; c + 4 <= cols; c += 128) {
+            float4 w = *(const float4*)(row + 4 * c), a = *(const float4*)(x + c);
+            acc += w.x * a.x + w.y * a.y + w.z * a.z + w.w * a.w;
+        }
+        for (int i = (cols / 4) * 4 + lane; i < cols; i += 32) acc += ((const float*)row)[i] * x[i];
+    } else {
+#pragma unroll 4
+        for (int c = lane * 8; c + 8 <= cols; c += 256) {
+            uint4 w = *(const uint4*)(row + 2 * c);
+            float4 a = *(const float4*)(x + c), b = *(const float4*)(x + c + 4);
+            acc += DT == DT_F16 ? dot8_h(w, a, b) : dot8_bf(w, a, b);
+        }
+        for (int i = (cols / 8) * 8 + lane; i < cols; i += 32) acc += dequant_one(DT, row, i) * x[i];
+    }
+    return acc;
+}
+
+// 32-value blocks (Q4_0, Q4_1, Q8_0): four lanes share a block, eight blocks per warp step, so
+// neighbouring lanes read neighbouring bytes and activations.
+template <int DT>
+__device__ __forceinline__ float dot_q(const u8* row, int blocks, const float* __restrict__ x, int lane) {
+    const int sub = lane & 3;
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int b = lane >> 2; b < blocks; b += 8) {
+        const float* xb = x + 32 * b;
+        if (DT == DT_Q8_0) {
+            const u8* blk = row + 34 * b;
+            const u16* q = (const u16*)(blk + 2 + 8 * sub);
+            float4 a = *(const float4*)(xb + 8 * sub), c = *(const float4*)(xb + 8 * sub + 4);
+            u16 q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
+            float s = (float)(i8)(q0 & 0xff) * a.x + (float)(i8)(q0 >> 8) * a.y + (float)(i8)(q1 & 0xff) * a.z + (float)(i8)(q1 >> 8) * a.w +
+                      (float)(i8)(q2 & 0xff) * c.x + (float)(i8)(q2 >> 8) * c.y + (float)(i8)(q3 & 0xff) * c.z + (float)(i8)(q3 >> 8) * c.w;
+            acc += ld_h(blk) * s;
+        } else {
+            // Bytes 4sub..4sub+3 of the block's 16: low nibbles are values 4sub.., high ones 16+4sub..
+            const bool one = DT == DT_Q4_1;
+            const u8* blk = row + (one ? 20 : 18) * b;
+            u32 v;
+            if (one) {
+                v = *(const u32*)(blk + 4 + 4 * sub);
+            } else {
+                const u16* q = (const u16*)(blk + 2 + 4 * sub);
+                v = (u32)q[0] | ((u32)q[1] << 16);
+            }
+            float4 xl = *(const float4*)(xb + 4 * sub), xh = *(const float4*)(xb + 16 + 4 * sub);
+            const float o = one ? 0.0f : 8.0f;
+            float s = ((float)(v & 0xF) - o) * xl.x + ((float)((v >> 8) & 0xF) - o) * xl.y + ((float)((v >> 16) & 0xF) - o) * xl.z +
+                      ((float)((v >> 24) & 0xF) - o) * xl.w + ((float)((v >> 4) & 0xF) - o) * xh.x + ((float)((v >> 12) & 0xF) - o) * xh.y +
+                      ((float)((v >> 20) & 0xF) - o) * xh.z + ((float)(v >> 28) - o) * xh.w;
+            acc += ld_h(blk) * s;
+            if (one) acc += ld_h(blk + 2) * (xl.x + xl.y + xl.z + xl.w + xh.x + xh.y + xh.z + xh.w);
+        }
+    }
+    return acc;
+}
+
+// One lane's share of the dot product of a row with x (summed over the warp by the caller).
+template <int DT>
+__device__ __forceinline__ float row_dot(const u8* row, int cols, const float* __restrict__ x, int lane) {
+    if (DT == DT_F32 || DT == DT_F16 || DT == DT_BF16) return dot_dense<DT>(row, cols, x, lane);
+    if (DT == DT_Q4_0 || DT == DT_Q4_1 || DT == DT_Q8_0) return dot_q<DT>(row, cols / 32, x, lane);
+    // K-quants: one lane per 32-value group.
+    float acc = 0.0f;
+#pragma unroll 2
+    for (int g = lane; g < cols / 32; g += 32) acc += dot_group<DT>(row, g, x);
+    return acc;
+}
+
+// Up to three products of the same input (q/k/v), rows laid end to end across the grid, one
+// warp per row. `add`: y += W·x (a residual connection) instead of y = W·x.
 struct Seg {
     const u8* w;
     float* y;
     int rows;
 };
 
+// With `norm_w`, the block first computes x / rms(x) * norm_w into shared memory (the RMS norm
+// that precedes every projection of a layer, fused: no separate launch, no round trip of xn).
+__device__ const float* prenorm(const float* __restrict__ x, int cols, const float* norm_w, float eps, float* xs) {
+    if (norm_w == nullptr) return x;
+    __shared__ float part[32];
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) ss += x[i] * x[i];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) total += part[w];
+    float scale = 1.0f / sqrtf(total / (float)cols + eps);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[i] = x[i] * scale * norm_w[i];
+    __syncthreads();
+    return xs;
+}
+
 template <int DT>
-__device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add) {
+__device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add, const float* norm_w, float eps) {
+    extern __shared__ float xs[];
+    x = prenorm(x, cols, norm_w, eps, xs);
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     Seg s = s0;
     int r = warp;
@@ -285,29 +382,51 @@ __device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const fl
             if (r >= s2.rows) return;
         }
     }
-    const u8* row = s.w + (i64)r * row_bytes;
-    int groups = cols / 32;
-    float acc = 0.0f;
-#pragma unroll 4
-    for (int g = lane; g < groups; g += 32) acc += dot_group<DT>(row, g, x);
-    for (int i = groups * 32 + lane; i < cols; i += 32) acc += dequant_one(DT, row, i) * x[i];
-    acc = warp_sum(acc);
+    float acc = warp_sum(row_dot<DT>(s.w + (i64)r * row_bytes, cols, x, lane));
     if (lane == 0) s.y[r] = add ? s.y[r] + acc : acc;
 }
 
-#define MATVEC(name, DT) \
-    extern "C" __global__ void name(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add) { \
-        matvec<DT>(s0, s1, s2, row_bytes, cols, x, add); \
+// The feed-forward's first half for one token: out[r] = silu(gate_r · x) * (up_r · x).
+template <int DT>
+__device__ void ffn_up(const u8* wg, const u8* wu, float* out, int rows, i64 row_bytes, int cols, const float* __restrict__ x, const float* norm_w, float eps) {
+    extern __shared__ float xs[];
+    x = prenorm(x, cols, norm_w, eps, xs);
+    int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    float g = warp_sum(row_dot<DT>(wg + (i64)r * row_bytes, cols, x, lane));
+    float u = warp_sum(row_dot<DT>(wu + (i64)r * row_bytes, cols, x, lane));
+    if (lane == 0) out[r] = g / (1.0f + expf(-g)) * u;
+}
+
+#define MATVEC(suffix, DT)                                                                                                                \
+    extern "C" __global__ void matvec_##suffix(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add,   \
+                                               const float* norm_w, float eps) {                                                          \
+        matvec<DT>(s0, s1, s2, row_bytes, cols, x, add, norm_w, eps);                                                                     \
+    }                                                                                                                                     \
+    extern "C" __global__ void ffn_##suffix(const u8* wg, const u8* wu, float* out, int rows, i64 row_bytes, int cols, const float* x,     \
+                                            const float* norm_w, float eps) {                                                             \
+        ffn_up<DT>(wg, wu, out, rows, row_bytes, cols, x, norm_w, eps);                                                                   \
     }
-MATVEC(matvec_f32, DT_F32)
-MATVEC(matvec_f16, DT_F16)
-MATVEC(matvec_bf16, DT_BF16)
-MATVEC(matvec_q8_0, DT_Q8_0)
-MATVEC(matvec_q4_0, DT_Q4_0)
-MATVEC(matvec_q4_1, DT_Q4_1)
-MATVEC(matvec_q4_k, DT_Q4_K)
-MATVEC(matvec_q5_k, DT_Q5_K)
-MATVEC(matvec_q6_k, DT_Q6_K)
+MATVEC(f32, DT_F32)
+MATVEC(f16, DT_F16)
+MATVEC(bf16, DT_BF16)
+MATVEC(q8_0, DT_Q8_0)
+MATVEC(q4_0, DT_Q4_0)
+MATVEC(q4_1, DT_Q4_1)
+MATVEC(q4_k, DT_Q4_K)
+MATVEC(q5_k, DT_Q5_K)
+MATVEC(q6_k, DT_Q6_K)
+
+// Any format, any width (rows not 16-byte aligned): element by element. Rare; correct, not fast.
+extern "C" __global__ void matvec_any(Seg s0, int dt, i64 row_bytes, int cols, const float* __restrict__ x, int add) {
+    int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (r >= s0.rows) return;
+    const u8* row = s0.w + (i64)r * row_bytes;
+    float acc = 0.0f;
+    for (int i = lane; i < cols; i += 32) acc += dequant_one(dt, row, i) * x[i];
+    acc = warp_sum(acc);
+    if (lane == 0) s0.y[r] = add ? s0.y[r] + acc : acc;
+}
 
 // ---- normalization, rotary embedding, activations ----
 
@@ -345,6 +464,35 @@ extern "C" __global__ void rope(float* x, const float* inv_freq, int n, int head
     float x0 = v[a], x1 = v[b];
     v[a] = x0 * c - x1 * s;
     v[b] = x0 * s + x1 * c;
+}
+
+// One token step's rotary embedding and cache write in one launch: rotates q in place, rotates
+// k into the f16 cache and copies v there, at positions step->pos0 + t.
+extern "C" __global__ void rope_store(float* q, const float* k, const float* v, u16* kc, u16* vc, const float* inv_freq, int n, int n_heads,
+                                      int n_kv_heads, int head_dim, int half_split, const Step* step) {
+    const int half = head_dim / 2, kv_dim = n_kv_heads * head_dim;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    const int q_pairs = n * n_heads * half, k_pairs = n * n_kv_heads * half;
+    const i64 base = (i64)step->pos0 * kv_dim;
+    if (idx < n * kv_dim) vc[base + idx] = f2h(v[idx]);
+    if (idx >= q_pairs + k_pairs) return;
+    const bool is_q = idx < q_pairs;
+    const int j = is_q ? idx : idx - q_pairs, heads = is_q ? n_heads : n_kv_heads;
+    const int i = j % half, th = j / half, t = th / heads;
+    float s, c;
+    sincosf((float)(step->pos0 + t) * inv_freq[i], &s, &c);
+    const int a = half_split ? i : 2 * i, b = half_split ? i + half : 2 * i + 1;
+    const float* src = (is_q ? q : k) + (i64)th * head_dim;
+    float x0 = src[a], x1 = src[b];
+    float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+    if (is_q) {
+        q[(i64)th * head_dim + a] = y0;
+        q[(i64)th * head_dim + b] = y1;
+    } else {
+        u16* dst = kc + base + (i64)th * head_dim;  // th = t * n_kv_heads + h, rows of kv_dim
+        dst[a] = f2h(y0);
+        dst[b] = f2h(y1);
+    }
 }
 
 // gate[i] = silu(gate[i]) * up[i]

@@ -23,7 +23,7 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUstream};
 use cudarc::driver::{result, CudaContext, CudaStream};
 
-use super::{check_gemm_dims, AttentionShape, Backend, BackendError, Buffer, DeviceBuffer, DeviceInfo, DeviceKind, KvLayer, Linear, Rope, RopeStyle, WeightData};
+use super::{check_gemm_dims, AttentionShape, Backend, BackendError, Buffer, DeviceBuffer, DeviceInfo, DeviceKind, KvLayer, Linear, Norm, Rope, RopeStyle, WeightData};
 use crate::actor::region::{page_size, Region};
 use crate::engine::dtype::DType;
 pub use driver::DevMem;
@@ -70,6 +70,10 @@ struct Kernels {
     dequant_rows: CUfunction,
     /// Indexed by [`dtype_code`].
     matvec: [CUfunction; 9],
+    /// Fused gate/up/SiLU for one token, indexed by [`dtype_code`].
+    ffn: [CUfunction; 9],
+    matvec_any: CUfunction,
+    rope_store: CUfunction,
     rms_norm: CUfunction,
     rope: CUfunction,
     silu_mul: CUfunction,
@@ -251,15 +255,19 @@ impl CudaBackend {
         let ptx = driver::compile_cached(KERNELS, &arch, kernel_cache_dir()).map_err(na)?;
         let module = Module::load_ptx(&ctx, &ptx).map_err(na)?;
         let f = |n: &str| module.function(n).map_err(|e| na(e));
-        let mv = ["matvec_f32", "matvec_f16", "matvec_bf16", "matvec_q8_0", "matvec_q4_0", "matvec_q4_1", "matvec_q4_k", "matvec_q5_k", "matvec_q6_k"];
-        let mut matvec = [std::ptr::null_mut(); 9];
-        for (slot, name) in matvec.iter_mut().zip(mv) {
-            *slot = f(name)?;
+        let suffixes = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"];
+        let (mut matvec, mut ffn) = ([std::ptr::null_mut(); 9], [std::ptr::null_mut(); 9]);
+        for (i, suffix) in suffixes.iter().enumerate() {
+            matvec[i] = f(&format!("matvec_{suffix}"))?;
+            ffn[i] = f(&format!("ffn_{suffix}"))?;
         }
         let k = Kernels {
             embed: f("embed")?,
             dequant_rows: f("dequant_rows")?,
             matvec,
+            ffn,
+            matvec_any: f("matvec_any")?,
+            rope_store: f("rope_store")?,
             rms_norm: f("rms_norm")?,
             rope: f("rope")?,
             silu_mul: f("silu_mul")?,
@@ -316,10 +324,15 @@ impl CudaBackend {
 
     /// Launches `f` on the backend's stream.
     fn launch(&self, op: &'static str, f: CUfunction, grid: (u32, u32, u32), block: u32, args: &mut [*mut c_void]) -> Result<(), BackendError> {
+        self.launch_smem(op, f, grid, block, 0, args)
+    }
+
+    /// [`CudaBackend::launch`] with `smem` bytes of dynamic shared memory.
+    fn launch_smem(&self, op: &'static str, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut [*mut c_void]) -> Result<(), BackendError> {
         // SAFETY: `f` is a kernel of the loaded module; `args` point to values of the types the
         // kernel declares (each call site mirrors the kernel signature in kernels.cu) that live
         // until this call returns (the driver copies them at launch).
-        unsafe { result::launch_kernel(f, grid, (block, 1, 1), 0, self.s(), args) }.map_err(|e| dev_err(op, err("cuLaunchKernel", e)))
+        unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, self.s(), args) }.map_err(|e| dev_err(op, err("cuLaunchKernel", e)))
     }
 
     /// Writes `pos0`/`tokens` into the Step record (copied on the stream) unless a pass already
@@ -408,10 +421,10 @@ impl CudaBackend {
         if n == 1 {
             let fusable = ws.len() <= 3 && ws.iter().all(|w| w.dtype == first.dtype && w.cols == cols);
             if fusable {
-                return self.matvec(ws, x, ys, add);
+                return self.matvec(ws, x, ys, add, None);
             }
             for (w, &y) in ws.iter().zip(ys) {
-                self.matvec(&[w], x, &[y], add)?;
+                self.matvec(&[w], x, &[y], add, None)?;
             }
             return Ok(());
         }
@@ -421,7 +434,17 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn matvec(&self, ws: &[&Linear], x: CUdeviceptr, ys: &[CUdeviceptr], add: bool) -> Result<(), BackendError> {
+    /// One-token products; `norm`: (weight, eps) of an RMS norm fused in front (the caller checked
+    /// [`fusable_norm`]).
+    fn matvec(&self, ws: &[&Linear], x: CUdeviceptr, ys: &[CUdeviceptr], add: bool, norm: Option<(CUdeviceptr, f32)>) -> Result<(), BackendError> {
+        if !fast_rows(ws[0]) {
+            for (w, &y) in ws.iter().zip(ys) {
+                let seg = Seg { w: weight_mem(w, "matmul")?.ptr(), y, rows: w.rows as i32 };
+                let (dt, row_bytes, cols, add) = (dtype_code(w.dtype) as i32, w.dtype.row_bytes(w.cols).unwrap_or(0) as i64, w.cols as i32, add as i32);
+                self.launch("matmul", self.k.matvec_any, (w.rows.div_ceil(8) as u32, 1, 1), 256, &mut args![seg, dt, row_bytes, cols, x, add])?;
+            }
+            return Ok(());
+        }
         let mut segs = [EMPTY_SEG; 3];
         let mut rows = 0usize;
         for (i, (w, &y)) in ws.iter().zip(ys).enumerate() {
@@ -435,7 +458,9 @@ impl CudaBackend {
         const WARPS: usize = 8;
         let grid = rows.div_ceil(WARPS) as u32;
         let f = self.k.matvec[dtype_code(w0.dtype)];
-        self.launch("matmul", f, (grid, 1, 1), (WARPS * 32) as u32, &mut args![segs[0], segs[1], segs[2], row_bytes, cols, x, add])
+        let (nw, eps) = norm.unwrap_or((0, 0.0));
+        let smem = if norm.is_some() { w0.cols as u32 * 4 } else { 0 };
+        self.launch_smem("matmul", f, (grid, 1, 1), (WARPS * 32) as u32, smem, &mut args![segs[0], segs[1], segs[2], row_bytes, cols, x, add, nw, eps])
     }
 
     /// Prefill product: the weight dequantized to f32 rows in scratch, then SGEMM.
@@ -493,6 +518,22 @@ impl CudaBackend {
         let mut c = self.graph_clock.lock().unwrap_or_else(|e| e.into_inner());
         *c += 1;
         *c
+    }
+}
+
+/// Whether the one-token kernels can fuse an RMS norm in front: the normalized input must fit the
+/// 48 KB of shared memory a block gets without opting in.
+fn fusable_norm(ws: &[&Linear]) -> bool {
+    let first = ws[0];
+    ws.len() <= 3 && first.cols * 4 <= 48 * 1024 && fast_rows(first) && ws.iter().all(|w| w.dtype == first.dtype && w.cols == first.cols)
+}
+
+/// Whether the specialized matvec kernels can read this weight's rows (16-byte aligned dense rows).
+fn fast_rows(w: &Linear) -> bool {
+    match w.dtype {
+        DType::F32 => w.cols % 4 == 0,
+        DType::F16 | DType::BF16 => w.cols % 8 == 0,
+        _ => true,
     }
 }
 
@@ -592,19 +633,21 @@ impl Backend for CudaBackend {
     fn memory_bandwidth(&self) -> Option<f64> {
         let _e = self.enter("bandwidth").ok()?;
         const BYTES: usize = 1 << 30;
+        const COPIES: usize = 8;
         let (src, dst) = (DevMem::zeroed(&self.ctx, BYTES).ok()?, DevMem::zeroed(&self.ctx, BYTES).ok()?);
-        let (start, end) = (self.ctx.new_event(None).ok()?, self.ctx.new_event(None).ok()?);
         let mut samples = Vec::new();
-        for _ in 0..12 {
-            start.record(&self.stream).ok()?;
-            // SAFETY: both buffers hold BYTES bytes.
-            unsafe { result::memcpy_dtod_async(dst.ptr(), src.ptr(), BYTES, self.s()) }.ok()?;
-            end.record(&self.stream).ok()?;
-            end.synchronize().ok()?;
-            samples.push(start.elapsed_ms(&end).ok()? as f64);
+        for _ in 0..5 {
+            self.sync("bandwidth").ok()?;
+            let t = std::time::Instant::now();
+            for _ in 0..COPIES {
+                // SAFETY: both buffers hold BYTES bytes.
+                unsafe { result::memcpy_dtod_async(dst.ptr(), src.ptr(), BYTES, self.s()) }.ok()?;
+            }
+            self.sync("bandwidth").ok()?;
+            samples.push(t.elapsed().as_secs_f64());
         }
-        let ms = crate::bench::median_ms(&mut samples[2..]);
-        Some(2.0 * BYTES as f64 / (ms * 1e-3) / 1e9)
+        let secs = crate::bench::median_ms(&mut samples[1..]);
+        Some((2 * BYTES * COPIES) as f64 / secs / 1e9)
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<Box<dyn DeviceBuffer>, BackendError> {
@@ -719,6 +762,43 @@ impl Backend for CudaBackend {
         self.product(&[w], xm.ptr(), &[om.ptr()], n_tokens, true)
     }
 
+    fn norm_matmul_many(&self, x: &Buffer, norm: Norm<'_>, xn: &mut Buffer, ws: &[&Linear], outs: &mut [&mut Buffer], n_tokens: usize) -> Result<(), BackendError> {
+        let _e = self.enter("matmul")?;
+        if n_tokens != 1 || ws.is_empty() || !fusable_norm(ws) || ws.len() != outs.len() {
+            let cols = ws.first().map(|w| w.cols).unwrap_or(0);
+            self.rms_norm(x, norm.weight, xn, n_tokens, cols, norm.eps)?;
+            return self.matmul_many(ws, xn, outs, n_tokens);
+        }
+        let (xm, nm) = (cuda_buf(x, "matmul")?, cuda_buf(norm.weight, "matmul")?);
+        check_len("matmul", "input", xm.bytes(), ws[0].cols)?;
+        check_len("matmul", "norm", nm.bytes(), ws[0].cols)?;
+        let mut ys = [0 as CUdeviceptr; 3];
+        for (i, (w, out)) in ws.iter().zip(outs.iter()).enumerate() {
+            let o = cuda_buf(out, "matmul")?;
+            check_len("matmul", &w.name, o.bytes(), w.rows)?;
+            ys[i] = o.ptr();
+        }
+        self.matvec(ws, xm.ptr(), &ys[..ws.len()], false, Some((nm.ptr(), norm.eps)))
+    }
+
+    fn ffn_gate_up(&self, x: &Buffer, norm: Norm<'_>, xn: &mut Buffer, w_gate: &Linear, w_up: &Linear, gate: &mut Buffer, up: &mut Buffer, n_tokens: usize) -> Result<(), BackendError> {
+        let _e = self.enter("matmul")?;
+        let fusable = n_tokens == 1 && w_gate.rows == w_up.rows && fusable_norm(&[w_gate, w_up]);
+        if !fusable {
+            self.norm_matmul_many(x, norm, xn, &[w_gate, w_up], &mut [&mut *gate, &mut *up], n_tokens)?;
+            return self.silu_mul(gate, up, n_tokens * w_gate.rows);
+        }
+        let (xm, gm, nm) = (cuda_buf(x, "matmul")?, cuda_buf(gate, "matmul")?, cuda_buf(norm.weight, "matmul")?);
+        check_len("matmul", "input", xm.bytes(), w_gate.cols)?;
+        check_len("matmul", "norm", nm.bytes(), w_gate.cols)?;
+        check_len("matmul", &w_gate.name, gm.bytes(), w_gate.rows)?;
+        let (wg, wu, out, xp, nw, eps) = (weight_mem(w_gate, "matmul")?.ptr(), weight_mem(w_up, "matmul")?.ptr(), gm.ptr(), xm.ptr(), nm.ptr(), norm.eps);
+        let (rows, row_bytes, cols) = (w_gate.rows as i32, w_gate.dtype.row_bytes(w_gate.cols).unwrap_or(0) as i64, w_gate.cols as i32);
+        let f = self.k.ffn[dtype_code(w_gate.dtype)];
+        let smem = w_gate.cols as u32 * 4;
+        self.launch_smem("matmul", f, (w_gate.rows.div_ceil(8) as u32, 1, 1), 256, smem, &mut args![wg, wu, out, rows, row_bytes, cols, xp, nw, eps])
+    }
+
     fn rope(&self, x: &mut Buffer, rope: &Rope, n_tokens: usize, n_heads: usize, pos0: usize) -> Result<(), BackendError> {
         let _e = self.enter("rope")?;
         let xm = cuda_buf(x, "rope")?;
@@ -732,33 +812,25 @@ impl Backend for CudaBackend {
 
     fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, s: AttentionShape) -> Result<(), BackendError> {
         let _e = self.enter("attention")?;
-        let KvLayer::Cuda { k: kc, v: vc, max_seq, kv_dim } = kv else {
-            return Err(BackendError::InvalidArgument { op: "attention", reason: "KV cache belongs to another device".into() });
-        };
-        let (qm, km, vm, om) = (cuda_buf(q, "attention")?, cuda_buf(k, "attention")?, cuda_buf(v, "attention")?, cuda_buf(out, "attention")?);
-        let (hd, nh, nkv, n) = (s.head_dim, s.n_heads, s.n_kv_heads, s.n_tokens);
-        if s.pos0 + n > *max_seq {
-            return Err(BackendError::InvalidArgument { op: "attention", reason: format!("positions up to {} exceed the cache of {max_seq}", s.pos0 + n) });
+        let (kc, vc, max_seq) = self.check_attention(q, k, v, kv, out, s)?;
+        let (kp, vp, step, ni, kvd) = (cuda_buf(k, "attention")?.ptr(), cuda_buf(v, "attention")?.ptr(), self.step_dev.ptr(), s.n_tokens as i32, (s.n_kv_heads * s.head_dim) as i32);
+        let total = (s.n_tokens * s.n_kv_heads * s.head_dim) as u32;
+        self.launch("attention", self.k.kv_store, (total.div_ceil(256), 1, 1), 256, &mut args![kp, vp, kc, vc, ni, kvd, step])?;
+        self.attend(cuda_buf(q, "attention")?.ptr(), kc, vc, cuda_buf(out, "attention")?.ptr(), max_seq, s)
+    }
+
+    fn rope_attention(&self, q: &mut Buffer, k: &mut Buffer, v: &Buffer, rope: &Rope, kv: &mut KvLayer, out: &mut Buffer, s: AttentionShape) -> Result<(), BackendError> {
+        let _e = self.enter("attention")?;
+        if rope.head_dim != s.head_dim {
+            return Err(BackendError::InvalidArgument { op: "attention", reason: format!("rope head_dim {} != {}", rope.head_dim, s.head_dim) });
         }
-        if hd % 32 != 0 || hd > 256 || nkv == 0 || nh % nkv != 0 || *kv_dim != nkv * hd {
-            return Err(BackendError::InvalidArgument { op: "attention", reason: format!("unsupported shape: head_dim {hd}, {nh} heads, {nkv} KV heads") });
-        }
-        check_len("attention", "q", qm.bytes(), n * nh * hd)?;
-        check_len("attention", "k", km.bytes(), n * nkv * hd)?;
-        check_len("attention", "v", vm.bytes(), n * nkv * hd)?;
-        check_len("attention", "output", om.bytes(), n * nh * hd)?;
-        self.stage_step("attention", s.pos0, n, None)?;
-        let step = self.step_dev.ptr();
-        let (ni, kvd) = (n as i32, *kv_dim as i32);
-        let (kp, vp, kcp, vcp) = (km.ptr(), vm.ptr(), kc.ptr(), vc.ptr());
-        let total = (n * *kv_dim) as u32;
-        self.launch("attention", self.k.kv_store, (total.div_ceil(256), 1, 1), 256, &mut args![kp, vp, kcp, vcp, ni, kvd, step])?;
-        let (splits, chunk) = Self::splits(*max_seq, n, s.pos0 + n);
-        let part = self.scratch("attention", |s| &mut s.partials, n * nh * splits * (hd + 2) * 4)?;
-        let (qp, nhi, nkvi, hdi, chunki, scale) = (qm.ptr(), nh as i32, nkv as i32, hd as i32, chunk as i32, 1.0f32 / (hd as f32).sqrt());
-        self.launch("attention", self.k.attn_partial, (nh as u32, n as u32, splits as u32), 128, &mut args![qp, kcp, vcp, part, nhi, nkvi, hdi, chunki, scale, step])?;
-        let (op, spl) = (om.ptr(), splits as i32);
-        self.launch("attention", self.k.attn_combine, (nh as u32, n as u32, 1), hd as u32, &mut args![part, op, nhi, hdi, spl])
+        let (kc, vc, max_seq) = self.check_attention(q, k, v, kv, out, s)?;
+        let table = self.rope_table(rope)?;
+        let (qp, kp, vp, step) = (cuda_buf(q, "attention")?.ptr(), cuda_buf(k, "attention")?.ptr(), cuda_buf(v, "attention")?.ptr(), self.step_dev.ptr());
+        let (n, nh, nkv, hd, hs) = (s.n_tokens as i32, s.n_heads as i32, s.n_kv_heads as i32, s.head_dim as i32, (rope.style == RopeStyle::HalfSplit) as i32);
+        let threads = (s.n_tokens * (s.n_heads + s.n_kv_heads) * s.head_dim / 2).max(s.n_tokens * s.n_kv_heads * s.head_dim);
+        self.launch("attention", self.k.rope_store, (threads.div_ceil(256) as u32, 1, 1), 256, &mut args![qp, kp, vp, kc, vc, table, n, nh, nkv, hd, hs, step])?;
+        self.attend(qp, kc, vc, cuda_buf(out, "attention")?.ptr(), max_seq, s)
     }
 
     fn silu_mul(&self, gate: &mut Buffer, up: &Buffer, n: usize) -> Result<(), BackendError> {
@@ -827,6 +899,38 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// Checks an attention call's buffers and cache, stages the position, and returns the cache.
+    fn check_attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &KvLayer, out: &Buffer, s: AttentionShape) -> Result<(CUdeviceptr, CUdeviceptr, usize), BackendError> {
+        let KvLayer::Cuda { k: kc, v: vc, max_seq, kv_dim } = kv else {
+            return Err(BackendError::InvalidArgument { op: "attention", reason: "KV cache belongs to another device".into() });
+        };
+        let (hd, nh, nkv, n) = (s.head_dim, s.n_heads, s.n_kv_heads, s.n_tokens);
+        if s.pos0 + n > *max_seq {
+            return Err(BackendError::InvalidArgument { op: "attention", reason: format!("positions up to {} exceed the cache of {max_seq}", s.pos0 + n) });
+        }
+        if hd % 32 != 0 || hd > 256 || nkv == 0 || nh % nkv != 0 || *kv_dim != nkv * hd {
+            return Err(BackendError::InvalidArgument { op: "attention", reason: format!("unsupported shape: head_dim {hd}, {nh} heads, {nkv} KV heads") });
+        }
+        check_len("attention", "q", cuda_buf(q, "attention")?.bytes(), n * nh * hd)?;
+        check_len("attention", "k", cuda_buf(k, "attention")?.bytes(), n * nkv * hd)?;
+        check_len("attention", "v", cuda_buf(v, "attention")?.bytes(), n * nkv * hd)?;
+        check_len("attention", "output", cuda_buf(out, "attention")?.bytes(), n * nh * hd)?;
+        self.stage_step("attention", s.pos0, n, None)?;
+        Ok((kc.ptr(), vc.ptr(), *max_seq))
+    }
+
+    /// Split attention over the cache (K/V of the new tokens already stored).
+    fn attend(&self, q: CUdeviceptr, kc: CUdeviceptr, vc: CUdeviceptr, out: CUdeviceptr, max_seq: usize, s: AttentionShape) -> Result<(), BackendError> {
+        let (hd, nh, n) = (s.head_dim, s.n_heads, s.n_tokens);
+        let (splits, chunk) = Self::splits(max_seq, n, s.pos0 + n);
+        let part = self.scratch("attention", |s| &mut s.partials, n * nh * splits * (hd + 2) * 4)?;
+        let step = self.step_dev.ptr();
+        let (nhi, nkvi, hdi, chunki, scale) = (nh as i32, s.n_kv_heads as i32, hd as i32, chunk as i32, 1.0f32 / (hd as f32).sqrt());
+        self.launch("attention", self.k.attn_partial, (nh as u32, n as u32, splits as u32), 128, &mut args![q, kc, vc, part, nhi, nkvi, hdi, chunki, scale, step])?;
+        let spl = splits as i32;
+        self.launch("attention", self.k.attn_combine, (nh as u32, n as u32, 1), hd as u32, &mut args![part, out, nhi, hdi, spl])
+    }
+
     /// Row-major `C[m×n] = A[m×k] · B[k×n]` through cuBLAS (column-major: `C^T = B^T · A^T`).
     fn sgemm_row_major(&self, a: usize, b: usize, c: usize, m: usize, n: usize, k: usize) -> Result<(), BackendError> {
         let (alpha, beta) = (1.0f32, 0.0f32);
