@@ -79,8 +79,7 @@ fi
 
 if has zero-copy; then
     say "zero-copy (bench zero-copy --device cuda)"
-    check "$BIN" bench zero-copy --device cuda
-    "$BIN" bench zero-copy --device cuda --json > "$OUT/zero-copy.json" 2>/dev/null || true
+    check "$BIN" bench zero-copy --device cuda | tee "$OUT/zero-copy.txt"
 fi
 
 if has parity; then
@@ -142,8 +141,9 @@ if has bench; then
     say "driftwood bench inference --device cuda"
     for m in "${BENCH_MODELS[@]}"; do
         name=$(basename "$m" .gguf)
-        check "$BIN" bench inference -m "$m" --device cuda --prefill 512 --decode 128 --repeats 5
-        "$BIN" bench inference -m "$m" --device cuda --prefill 512 --decode 128 --repeats 5 --json > "$OUT/driftwood-$name.json" 2>/dev/null || true
+        check "$BIN" bench inference -m "$m" --device cuda --prefill 512 --decode 128 --repeats 5 --json > "$OUT/driftwood-$name.json"
+        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); d=r["decode"]; p=r["prefill"][-1]; b=r.get("boundary") or {}
+print(f"{sys.argv[2]:28} pp{p["tokens"]} {p["tok_s"]:9.1f} tok/s   tg{d["tokens"]} {d["tok_s"]:7.1f} tok/s ({d["ms_per_token"]:.3f} ms, floor {r.get("floor_ms_per_token") or 0:.3f} ms, boundary {b.get("overhead_percent", 0):.3f}%)")' "$OUT/driftwood-$name.json" "$name"
     done
 fi
 

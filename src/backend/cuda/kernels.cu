@@ -265,79 +265,105 @@ __device__ __forceinline__ float dot_group(const u8* row, int g, const float* __
 
 // Dense rows (f32/f16/bf16): each lane reads 16-byte chunks and the warp reads 512 contiguous
 // bytes per step, so weight and activation loads are fully coalesced. Needs 16-byte aligned rows
-// (the host checks cols and falls back to matvec_any otherwise).
-template <int DT>
-__device__ __forceinline__ float dot_dense(const u8* row, int cols, const float* __restrict__ x, int lane) {
-    float acc = 0.0f;
+// (the host checks cols and falls back to matvec_any otherwise). NR rows at once share the
+// activation loads and keep twice the weight loads in flight.
+template <int DT, int NR>
+__device__ __forceinline__ void dot_dense(const u8* const* rows, int cols, const float* __restrict__ x, int lane, float* acc) {
     if (DT == DT_F32) {
 #pragma unroll 4
         for (int c = lane * 4; c + 4 <= cols; c += 128) {
-            float4 w = *(const float4*)(row + 4 * c), a = *(const float4*)(x + c);
-            acc += w.x * a.x + w.y * a.y + w.z * a.z + w.w * a.w;
+            float4 a = *(const float4*)(x + c);
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                float4 w = *(const float4*)(rows[r] + 4 * c);
+                acc[r] += w.x * a.x + w.y * a.y + w.z * a.z + w.w * a.w;
+            }
         }
-        for (int i = (cols / 4) * 4 + lane; i < cols; i += 32) acc += ((const float*)row)[i] * x[i];
+        for (int i = (cols / 4) * 4 + lane; i < cols; i += 32)
+#pragma unroll
+            for (int r = 0; r < NR; r++) acc[r] += ((const float*)rows[r])[i] * x[i];
     } else {
 #pragma unroll 4
         for (int c = lane * 8; c + 8 <= cols; c += 256) {
-            uint4 w = *(const uint4*)(row + 2 * c);
+            uint4 w[NR];
+#pragma unroll
+            for (int r = 0; r < NR; r++) w[r] = *(const uint4*)(rows[r] + 2 * c);
             float4 a = *(const float4*)(x + c), b = *(const float4*)(x + c + 4);
-            acc += DT == DT_F16 ? dot8_h(w, a, b) : dot8_bf(w, a, b);
+#pragma unroll
+            for (int r = 0; r < NR; r++) acc[r] += DT == DT_F16 ? dot8_h(w[r], a, b) : dot8_bf(w[r], a, b);
         }
-        for (int i = (cols / 8) * 8 + lane; i < cols; i += 32) acc += dequant_one(DT, row, i) * x[i];
+        for (int i = (cols / 8) * 8 + lane; i < cols; i += 32)
+#pragma unroll
+            for (int r = 0; r < NR; r++) acc[r] += dequant_one(DT, rows[r], i) * x[i];
     }
-    return acc;
 }
 
-// 32-value blocks (Q4_0, Q4_1, Q8_0): four lanes share a block, eight blocks per warp step, so
-// neighbouring lanes read neighbouring bytes and activations.
+// One 32-value block's share for lane `sub` of its four lanes (Q4_0, Q4_1, Q8_0).
 template <int DT>
-__device__ __forceinline__ float dot_q(const u8* row, int blocks, const float* __restrict__ x, int lane) {
-    const int sub = lane & 3;
-    float acc = 0.0f;
-#pragma unroll 4
-    for (int b = lane >> 2; b < blocks; b += 8) {
-        const float* xb = x + 32 * b;
-        if (DT == DT_Q8_0) {
-            const u8* blk = row + 34 * b;
-            const u16* q = (const u16*)(blk + 2 + 8 * sub);
-            float4 a = *(const float4*)(xb + 8 * sub), c = *(const float4*)(xb + 8 * sub + 4);
-            u16 q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
-            float s = (float)(i8)(q0 & 0xff) * a.x + (float)(i8)(q0 >> 8) * a.y + (float)(i8)(q1 & 0xff) * a.z + (float)(i8)(q1 >> 8) * a.w +
-                      (float)(i8)(q2 & 0xff) * c.x + (float)(i8)(q2 >> 8) * c.y + (float)(i8)(q3 & 0xff) * c.z + (float)(i8)(q3 >> 8) * c.w;
-            acc += ld_h(blk) * s;
+__device__ __forceinline__ float dot_q_part(const u8* row, int b, int sub, const float* __restrict__ xb) {
+    if (DT == DT_Q8_0) {
+        const u8* blk = row + 34 * b;
+        const u16* q = (const u16*)(blk + 2 + 8 * sub);
+        float4 a = *(const float4*)(xb + 8 * sub), c = *(const float4*)(xb + 8 * sub + 4);
+        u16 q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
+        float s = (float)(i8)(q0 & 0xff) * a.x + (float)(i8)(q0 >> 8) * a.y + (float)(i8)(q1 & 0xff) * a.z + (float)(i8)(q1 >> 8) * a.w +
+                  (float)(i8)(q2 & 0xff) * c.x + (float)(i8)(q2 >> 8) * c.y + (float)(i8)(q3 & 0xff) * c.z + (float)(i8)(q3 >> 8) * c.w;
+        return ld_h(blk) * s;
+    } else {
+        // Bytes 4sub..4sub+3 of the block's 16: low nibbles are values 4sub.., high ones 16+4sub..
+        const bool one = DT == DT_Q4_1;
+        const u8* blk = row + (one ? 20 : 18) * b;
+        u32 v;
+        if (one) {
+            v = *(const u32*)(blk + 4 + 4 * sub);
         } else {
-            // Bytes 4sub..4sub+3 of the block's 16: low nibbles are values 4sub.., high ones 16+4sub..
-            const bool one = DT == DT_Q4_1;
-            const u8* blk = row + (one ? 20 : 18) * b;
-            u32 v;
-            if (one) {
-                v = *(const u32*)(blk + 4 + 4 * sub);
-            } else {
-                const u16* q = (const u16*)(blk + 2 + 4 * sub);
-                v = (u32)q[0] | ((u32)q[1] << 16);
-            }
-            float4 xl = *(const float4*)(xb + 4 * sub), xh = *(const float4*)(xb + 16 + 4 * sub);
-            const float o = one ? 0.0f : 8.0f;
-            float s = ((float)(v & 0xF) - o) * xl.x + ((float)((v >> 8) & 0xF) - o) * xl.y + ((float)((v >> 16) & 0xF) - o) * xl.z +
-                      ((float)((v >> 24) & 0xF) - o) * xl.w + ((float)((v >> 4) & 0xF) - o) * xh.x + ((float)((v >> 12) & 0xF) - o) * xh.y +
-                      ((float)((v >> 20) & 0xF) - o) * xh.z + ((float)(v >> 28) - o) * xh.w;
-            acc += ld_h(blk) * s;
-            if (one) acc += ld_h(blk + 2) * (xl.x + xl.y + xl.z + xl.w + xh.x + xh.y + xh.z + xh.w);
+            const u16* q = (const u16*)(blk + 2 + 4 * sub);
+            v = (u32)q[0] | ((u32)q[1] << 16);
         }
+        float4 xl = *(const float4*)(xb + 4 * sub), xh = *(const float4*)(xb + 16 + 4 * sub);
+        const float o = one ? 0.0f : 8.0f;
+        float s = ((float)(v & 0xF) - o) * xl.x + ((float)((v >> 8) & 0xF) - o) * xl.y + ((float)((v >> 16) & 0xF) - o) * xl.z +
+                  ((float)((v >> 24) & 0xF) - o) * xl.w + ((float)((v >> 4) & 0xF) - o) * xh.x + ((float)((v >> 12) & 0xF) - o) * xh.y +
+                  ((float)((v >> 20) & 0xF) - o) * xh.z + ((float)(v >> 28) - o) * xh.w;
+        float r = ld_h(blk) * s;
+        if (one) r += ld_h(blk + 2) * (xl.x + xl.y + xl.z + xl.w + xh.x + xh.y + xh.z + xh.w);
+        return r;
     }
-    return acc;
 }
 
-// One lane's share of the dot product of a row with x (summed over the warp by the caller).
+// 32-value blocks: four lanes share a block, eight blocks per warp step, so neighbouring lanes
+// read neighbouring bytes and activations.
+template <int DT, int NR>
+__device__ __forceinline__ void dot_q(const u8* const* rows, int blocks, const float* __restrict__ x, int lane, float* acc) {
+    const int sub = lane & 3;
+#pragma unroll 4
+    for (int b = lane >> 2; b < blocks; b += 8)
+#pragma unroll
+        for (int r = 0; r < NR; r++) acc[r] += dot_q_part<DT>(rows[r], b, sub, x + 32 * b);
+}
+
+// Each lane's share of the dot products of NR rows with x (summed over the warp by the caller).
+template <int DT, int NR>
+__device__ __forceinline__ void row_dots(const u8* const* rows, int cols, const float* __restrict__ x, int lane, float* acc) {
+#pragma unroll
+    for (int r = 0; r < NR; r++) acc[r] = 0.0f;
+    if (DT == DT_F32 || DT == DT_F16 || DT == DT_BF16) {
+        dot_dense<DT, NR>(rows, cols, x, lane, acc);
+    } else if (DT == DT_Q4_0 || DT == DT_Q4_1 || DT == DT_Q8_0) {
+        dot_q<DT, NR>(rows, cols / 32, x, lane, acc);
+    } else {
+        // K-quants: one lane per 32-value group.
+        for (int g = lane; g < cols / 32; g += 32)
+#pragma unroll
+            for (int r = 0; r < NR; r++) acc[r] += dot_group<DT>(rows[r], g, x);
+    }
+}
+
 template <int DT>
 __device__ __forceinline__ float row_dot(const u8* row, int cols, const float* __restrict__ x, int lane) {
-    if (DT == DT_F32 || DT == DT_F16 || DT == DT_BF16) return dot_dense<DT>(row, cols, x, lane);
-    if (DT == DT_Q4_0 || DT == DT_Q4_1 || DT == DT_Q8_0) return dot_q<DT>(row, cols / 32, x, lane);
-    // K-quants: one lane per 32-value group.
-    float acc = 0.0f;
-#pragma unroll 2
-    for (int g = lane; g < cols / 32; g += 32) acc += dot_group<DT>(row, g, x);
-    return acc;
+    float acc[1];
+    row_dots<DT, 1>(&row, cols, x, lane, acc);
+    return acc[0];
 }
 
 // Up to three products of the same input (q/k/v), rows laid end to end across the grid, one
@@ -370,9 +396,10 @@ template <int DT>
 __device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add, const float* norm_w, float eps) {
     extern __shared__ float xs[];
     x = prenorm(x, cols, norm_w, eps, xs);
+    // Two rows per warp (every segment has an even number of rows; the host checks).
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     Seg s = s0;
-    int r = warp;
+    int r = 2 * warp;
     if (r >= s0.rows) {
         r -= s0.rows;
         s = s1;
@@ -382,8 +409,15 @@ __device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const fl
             if (r >= s2.rows) return;
         }
     }
-    float acc = warp_sum(row_dot<DT>(s.w + (i64)r * row_bytes, cols, x, lane));
-    if (lane == 0) s.y[r] = add ? s.y[r] + acc : acc;
+    const u8* rows[2] = {s.w + (i64)r * row_bytes, s.w + (i64)(r + 1) * row_bytes};
+    float acc[2];
+    row_dots<DT, 2>(rows, cols, x, lane, acc);
+    acc[0] = warp_sum(acc[0]);
+    acc[1] = warp_sum(acc[1]);
+    if (lane == 0) {
+        s.y[r] = add ? s.y[r] + acc[0] : acc[0];
+        s.y[r + 1] = add ? s.y[r + 1] + acc[1] : acc[1];
+    }
 }
 
 // The feed-forward's first half for one token: out[r] = silu(gate_r · x) * (up_r · x).
@@ -393,8 +427,10 @@ __device__ void ffn_up(const u8* wg, const u8* wu, float* out, int rows, i64 row
     x = prenorm(x, cols, norm_w, eps, xs);
     int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (r >= rows) return;
-    float g = warp_sum(row_dot<DT>(wg + (i64)r * row_bytes, cols, x, lane));
-    float u = warp_sum(row_dot<DT>(wu + (i64)r * row_bytes, cols, x, lane));
+    const u8* both[2] = {wg + (i64)r * row_bytes, wu + (i64)r * row_bytes};
+    float acc[2];
+    row_dots<DT, 2>(both, cols, x, lane, acc);
+    float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
     if (lane == 0) out[r] = g / (1.0f + expf(-g)) * u;
 }
 
@@ -527,7 +563,7 @@ extern "C" __global__ void kv_store(const float* k, const float* v, u16* kc, u16
 // ctx = pos0 + t + 1; each warp runs an online softmax over every 4th position, then the warps
 // merge. Writes the split's running max, sum and unnormalized output.
 extern "C" __global__ void attn_partial(const float* q, const u16* kc, const u16* vc, float* part, int n_heads, int n_kv_heads, int head_dim, int chunk,
-                                        float scale, const Step* step) {
+                                        float scale, const Step* step, float* final_out) {
     const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int per = head_dim / 32;  // values per lane
@@ -571,18 +607,21 @@ extern "C" __global__ void attn_partial(const float* q, const u16* kc, const u16
     for (int j = 0; j < MAX_HD_PER_LANE; j++)
         if (j < per) sm_acc[warp * head_dim + lane * per + j] = acc[j];
     __syncthreads();
-    float big = -INFINITY;
+    float big = -INFINITY, sum = 0.0f;
     for (int w = 0; w < warps; w++) big = fmaxf(big, sm_m[w]);
+    for (int w = 0; w < warps; w++)
+        if (sm_m[w] > -INFINITY) sum += sm_l[w] * expf(sm_m[w] - big);
+    // With a single split (`final_out`), the block owns the whole context: normalize and write
+    // the head's output directly, with no combine pass.
+    float* dst = final_out ? final_out + ((i64)t * n_heads + h) * head_dim : out + 2;
+    float norm = final_out ? 1.0f / sum : 1.0f;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float a = 0.0f;
         for (int w = 0; w < warps; w++)
             if (sm_m[w] > -INFINITY) a += sm_acc[w * head_dim + d] * expf(sm_m[w] - big);
-        out[2 + d] = a;
+        dst[d] = a * norm;
     }
-    if (threadIdx.x == 0) {
-        float sum = 0.0f;
-        for (int w = 0; w < warps; w++)
-            if (sm_m[w] > -INFINITY) sum += sm_l[w] * expf(sm_m[w] - big);
+    if (threadIdx.x == 0 && !final_out) {
         out[0] = big;
         out[1] = sum;
     }

@@ -437,7 +437,7 @@ impl CudaBackend {
     /// One-token products; `norm`: (weight, eps) of an RMS norm fused in front (the caller checked
     /// [`fusable_norm`]).
     fn matvec(&self, ws: &[&Linear], x: CUdeviceptr, ys: &[CUdeviceptr], add: bool, norm: Option<(CUdeviceptr, f32)>) -> Result<(), BackendError> {
-        if !fast_rows(ws[0]) {
+        if !ws.iter().all(|w| fast_rows(w)) {
             for (w, &y) in ws.iter().zip(ys) {
                 let seg = Seg { w: weight_mem(w, "matmul")?.ptr(), y, rows: w.rows as i32 };
                 let (dt, row_bytes, cols, add) = (dtype_code(w.dtype) as i32, w.dtype.row_bytes(w.cols).unwrap_or(0) as i64, w.cols as i32, add as i32);
@@ -456,7 +456,8 @@ impl CudaBackend {
         let cols = w0.cols as i32;
         let add = add as i32;
         const WARPS: usize = 8;
-        let grid = rows.div_ceil(WARPS) as u32;
+        // Two rows per warp.
+        let grid = rows.div_ceil(2 * WARPS) as u32;
         let f = self.k.matvec[dtype_code(w0.dtype)];
         let (nw, eps) = norm.unwrap_or((0, 0.0));
         let smem = if norm.is_some() { w0.cols as u32 * 4 } else { 0 };
@@ -510,6 +511,10 @@ impl CudaBackend {
     /// graph fits every later position); each split covers `chunk` positions.
     fn splits(max_seq: usize, n_tokens: usize, ctx: usize) -> (usize, usize) {
         let span = if n_tokens == 1 { max_seq } else { ctx };
+        // Up to 1024 positions one block per head is quicker than splitting and combining.
+        if span <= 1024 {
+            return (1, span.max(1));
+        }
         let splits = span.div_ceil(256).clamp(1, if n_tokens == 1 { 64 } else { 8 });
         (splits, span.div_ceil(splits))
     }
@@ -525,16 +530,18 @@ impl CudaBackend {
 /// 48 KB of shared memory a block gets without opting in.
 fn fusable_norm(ws: &[&Linear]) -> bool {
     let first = ws[0];
-    ws.len() <= 3 && first.cols * 4 <= 48 * 1024 && fast_rows(first) && ws.iter().all(|w| w.dtype == first.dtype && w.cols == first.cols)
+    ws.len() <= 3 && first.cols * 4 <= 48 * 1024 && ws.iter().all(|w| fast_rows(w) && w.dtype == first.dtype && w.cols == first.cols)
 }
 
 /// Whether the specialized matvec kernels can read this weight's rows (16-byte aligned dense rows).
 fn fast_rows(w: &Linear) -> bool {
-    match w.dtype {
-        DType::F32 => w.cols % 4 == 0,
-        DType::F16 | DType::BF16 => w.cols % 8 == 0,
-        _ => true,
-    }
+    // The kernels also take rows in pairs.
+    w.rows % 2 == 0
+        && match w.dtype {
+            DType::F32 => w.cols % 4 == 0,
+            DType::F16 | DType::BF16 => w.cols % 8 == 0,
+            _ => true,
+        }
 }
 
 fn bytemuck_f32(v: &[f32]) -> &[u8] {
@@ -926,7 +933,12 @@ impl CudaBackend {
         let part = self.scratch("attention", |s| &mut s.partials, n * nh * splits * (hd + 2) * 4)?;
         let step = self.step_dev.ptr();
         let (nhi, nkvi, hdi, chunki, scale) = (nh as i32, s.n_kv_heads as i32, hd as i32, chunk as i32, 1.0f32 / (hd as f32).sqrt());
-        self.launch("attention", self.k.attn_partial, (nh as u32, n as u32, splits as u32), 128, &mut args![q, kc, vc, part, nhi, nkvi, hdi, chunki, scale, step])?;
+        if splits == 1 {
+            // One block per head covers the context and writes the output itself.
+            return self.launch("attention", self.k.attn_partial, (nh as u32, n as u32, 1), 256, &mut args![q, kc, vc, part, nhi, nkvi, hdi, chunki, scale, step, out]);
+        }
+        let none: CUdeviceptr = 0;
+        self.launch("attention", self.k.attn_partial, (nh as u32, n as u32, splits as u32), 128, &mut args![q, kc, vc, part, nhi, nkvi, hdi, chunki, scale, step, none])?;
         let spl = splits as i32;
         self.launch("attention", self.k.attn_combine, (nh as u32, n as u32, 1), hd as u32, &mut args![part, out, nhi, hdi, spl])
     }
@@ -1044,11 +1056,14 @@ mod tests {
         // Decode (one token): the same split count at every position, so a captured graph fits.
         assert_eq!(CudaBackend::splits(4096, 1, 10), CudaBackend::splits(4096, 1, 4000));
         assert_eq!(CudaBackend::splits(4096, 1, 1), (16, 256));
+        // Small caches: one block per head, no combine pass.
+        assert_eq!(CudaBackend::splits(1024, 1, 3), (1, 1024));
+        assert_eq!(CudaBackend::splits(4096, 300, 300), (1, 300));
         let (s, chunk) = CudaBackend::splits(131072, 1, 5);
         assert!(s <= 64 && s * chunk >= 131072);
         // Prefill covers exactly its context.
-        let (s, chunk) = CudaBackend::splits(4096, 300, 300);
-        assert!(s * chunk >= 300 && (s - 1) * chunk < 300);
+        let (s, chunk) = CudaBackend::splits(4096, 512, 3000);
+        assert!(s > 1 && s * chunk >= 3000 && (s - 1) * chunk < 3000);
         assert_eq!(CudaBackend::splits(64, 1, 1), (1, 64));
     }
 
