@@ -173,6 +173,26 @@ pub trait Backend: Send + Sync {
         self.rope(k, rope, shape.n_tokens, shape.n_kv_heads, shape.pos0)?;
         self.attention(q, k, v, kv, out, shape)
     }
+    /// A layer's attention half up to the output projection: `xn = norm(x)`, q/k/v products,
+    /// rotation, cache write and attention into `out`. The default composes the ops above; a GPU
+    /// fuses the rotation and cache write into the products for one token.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block(
+        &self,
+        x: &Buffer,
+        norm: Norm<'_>,
+        xn: &mut Buffer,
+        w: [&Linear; 3],
+        qkv: [&mut Buffer; 3],
+        rope: &Rope,
+        kv: &mut KvLayer,
+        out: &mut Buffer,
+        shape: AttentionShape,
+    ) -> Result<(), BackendError> {
+        let [q, k, v] = qkv;
+        self.norm_matmul_many(x, norm, xn, &w, &mut [&mut *q, &mut *k, &mut *v], shape.n_tokens)?;
+        self.rope_attention(q, k, v, rope, kv, out, shape)
+    }
     /// The feed-forward's first half on the normalized input: `xn = norm(x)`, then
     /// `gate = silu(w_gate · xn) * (w_up · xn)`; `xn` and `up` are scratch.
     #[allow(clippy::too_many_arguments)]

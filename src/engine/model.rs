@@ -182,8 +182,8 @@ pub fn forward(backend: &dyn Backend, c: &Config, w: &Weights, s: &mut State, to
         for (l, lw) in w.layers.iter().enumerate() {
             // attention: xn = norm(x); q, k, v = projections; rotate q, k; att = softmax(qK)V over the cache
             let attn_norm = Norm { weight: &lw.attn_norm, eps: c.rms_eps };
-            backend.norm_matmul_many(&s.x, attn_norm, &mut s.xn, &[&lw.wq, &lw.wk, &lw.wv], &mut [&mut s.q, &mut s.k, &mut s.v], n)?;
-            backend.rope_attention(&mut s.q, &mut s.k, &s.v, &w.rope, &mut s.kv.layers[l], &mut s.att, shape)?;
+            let (wqkv, qkv) = ([&lw.wq, &lw.wk, &lw.wv], [&mut s.q, &mut s.k, &mut s.v]);
+            backend.attention_block(&s.x, attn_norm, &mut s.xn, wqkv, qkv, &w.rope, &mut s.kv.layers[l], &mut s.att, shape)?;
             // x += wo · att
             backend.matmul_add(&lw.wo, &s.att, &mut s.x, &mut s.proj, n)?;
             // feed-forward: x += w_down · (silu(w_gate · xn) * (w_up · xn)), xn = norm(x)

@@ -266,12 +266,13 @@ __device__ __forceinline__ float dot_group(const u8* row, int g, const float* __
 // Dense rows (f32/f16/bf16): each lane reads 16-byte chunks and the warp reads 512 contiguous
 // bytes per step, so weight and activation loads are fully coalesced. Needs 16-byte aligned rows
 // (the host checks cols and falls back to matvec_any otherwise). NR rows at once share the
-// activation loads and keep twice the weight loads in flight.
+// activation loads and keep more weight loads in flight. A row may be split across S warps
+// ("k-slices"): warp `ks` takes every S-th step.
 template <int DT, int NR>
-__device__ __forceinline__ void dot_dense(const u8* const* rows, int cols, const float* __restrict__ x, int lane, float* acc) {
+__device__ __forceinline__ void dot_dense(const u8* const* rows, int cols, const float* __restrict__ x, int lane, int ks, int S, float* acc) {
     if (DT == DT_F32) {
 #pragma unroll 4
-        for (int c = lane * 4; c + 4 <= cols; c += 128) {
+        for (int c = (ks * 32 + lane) * 4; c + 4 <= cols; c += 128 * S) {
             float4 a = *(const float4*)(x + c);
 #pragma unroll
             for (int r = 0; r < NR; r++) {
@@ -279,12 +280,13 @@ __device__ __forceinline__ void dot_dense(const u8* const* rows, int cols, const
                 acc[r] += w.x * a.x + w.y * a.y + w.z * a.z + w.w * a.w;
             }
         }
-        for (int i = (cols / 4) * 4 + lane; i < cols; i += 32)
+        if (ks == 0)
+            for (int i = (cols / 4) * 4 + lane; i < cols; i += 32)
 #pragma unroll
-            for (int r = 0; r < NR; r++) acc[r] += ((const float*)rows[r])[i] * x[i];
+                for (int r = 0; r < NR; r++) acc[r] += ((const float*)rows[r])[i] * x[i];
     } else {
 #pragma unroll 4
-        for (int c = lane * 8; c + 8 <= cols; c += 256) {
+        for (int c = (ks * 32 + lane) * 8; c + 8 <= cols; c += 256 * S) {
             uint4 w[NR];
 #pragma unroll
             for (int r = 0; r < NR; r++) w[r] = *(const uint4*)(rows[r] + 2 * c);
@@ -292,9 +294,10 @@ __device__ __forceinline__ void dot_dense(const u8* const* rows, int cols, const
 #pragma unroll
             for (int r = 0; r < NR; r++) acc[r] += DT == DT_F16 ? dot8_h(w[r], a, b) : dot8_bf(w[r], a, b);
         }
-        for (int i = (cols / 8) * 8 + lane; i < cols; i += 32)
+        if (ks == 0)
+            for (int i = (cols / 8) * 8 + lane; i < cols; i += 32)
 #pragma unroll
-            for (int r = 0; r < NR; r++) acc[r] += dequant_one(DT, rows[r], i) * x[i];
+                for (int r = 0; r < NR; r++) acc[r] += dequant_one(DT, rows[r], i) * x[i];
     }
 }
 
@@ -331,39 +334,48 @@ __device__ __forceinline__ float dot_q_part(const u8* row, int b, int sub, const
     }
 }
 
-// 32-value blocks: four lanes share a block, eight blocks per warp step, so neighbouring lanes
-// read neighbouring bytes and activations.
+// One lane's share of the dot products of NR rows with x over k-slice `ks` of `S` (summed over
+// the warp, then over the slices, by the caller).
 template <int DT, int NR>
-__device__ __forceinline__ void dot_q(const u8* const* rows, int blocks, const float* __restrict__ x, int lane, float* acc) {
-    const int sub = lane & 3;
-#pragma unroll 4
-    for (int b = lane >> 2; b < blocks; b += 8)
-#pragma unroll
-        for (int r = 0; r < NR; r++) acc[r] += dot_q_part<DT>(rows[r], b, sub, x + 32 * b);
-}
-
-// Each lane's share of the dot products of NR rows with x (summed over the warp by the caller).
-template <int DT, int NR>
-__device__ __forceinline__ void row_dots(const u8* const* rows, int cols, const float* __restrict__ x, int lane, float* acc) {
+__device__ __forceinline__ void row_dots(const u8* const* rows, int cols, const float* __restrict__ x, int lane, int ks, int S, float* acc) {
 #pragma unroll
     for (int r = 0; r < NR; r++) acc[r] = 0.0f;
     if (DT == DT_F32 || DT == DT_F16 || DT == DT_BF16) {
-        dot_dense<DT, NR>(rows, cols, x, lane, acc);
+        dot_dense<DT, NR>(rows, cols, x, lane, ks, S, acc);
     } else if (DT == DT_Q4_0 || DT == DT_Q4_1 || DT == DT_Q8_0) {
-        dot_q<DT, NR>(rows, cols / 32, x, lane, acc);
+        // Four lanes per 32-value block, eight blocks per warp step: neighbouring lanes read
+        // neighbouring bytes and activations.
+        const int sub = lane & 3, blocks = cols / 32;
+#pragma unroll 4
+        for (int b = ks * 8 + (lane >> 2); b < blocks; b += 8 * S)
+#pragma unroll
+            for (int r = 0; r < NR; r++) acc[r] += dot_q_part<DT>(rows[r], b, sub, x + 32 * b);
     } else {
         // K-quants: one lane per 32-value group.
-        for (int g = lane; g < cols / 32; g += 32)
+        for (int g = ks * 32 + lane; g < cols / 32; g += 32 * S)
 #pragma unroll
             for (int r = 0; r < NR; r++) acc[r] += dot_group<DT>(rows[r], g, x);
     }
 }
 
-template <int DT>
-__device__ __forceinline__ float row_dot(const u8* row, int cols, const float* __restrict__ x, int lane) {
-    float acc[1];
-    row_dots<DT, 1>(&row, cols, x, lane, acc);
-    return acc[0];
+// Sums each warp's NR partial results over the warp and the S k-slices of its rows; returns
+// true in the one thread per row group that holds the totals in acc.
+template <int NR>
+__device__ __forceinline__ bool reduce_slices(float* acc, int S) {
+    __shared__ float red[8][NR];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < NR; r++) acc[r] = warp_sum(acc[r]);
+    if (S == 1) return lane == 0;
+    if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < NR; r++) red[warp][r] = acc[r];
+    __syncthreads();
+    if (lane != 0 || warp % S != 0) return false;
+    for (int w = 1; w < S; w++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) acc[r] += red[warp + w][r];
+    return true;
 }
 
 // Up to three products of the same input (q/k/v), rows laid end to end across the grid, one
@@ -392,56 +404,91 @@ __device__ const float* prenorm(const float* __restrict__ x, int cols, const flo
     return xs;
 }
 
+// Blocks of 8 warps; each group of S warps (S = 1, 2, 4 or 8, the k-slices) computes a pair of
+// rows. Small matrices use large S so that enough warps stream the weights.
+// Decode-step epilogue of the q/k/v product (GGUF pair layout, rows 2i and 2i+1 rotate
+// together): q is rotated in place, k rotated and v copied into the f16 cache at step->pos0.
+struct RopeStore {
+    const float* inv_freq;  // null: plain products
+    u16* kc;
+    u16* vc;
+    int kv_dim;
+    int head_dim;
+    const Step* step;
+};
+
 template <int DT>
-__device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add, const float* norm_w, float eps) {
+__device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add, const float* norm_w, float eps, int S,
+                       RopeStore rs) {
     extern __shared__ float xs[];
     x = prenorm(x, cols, norm_w, eps, xs);
-    // Two rows per warp (every segment has an even number of rows; the host checks).
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     Seg s = s0;
-    int r = 2 * warp;
+    int seg = 0, r = 2 * (blockIdx.x * (8 / S) + warp / S);
     if (r >= s0.rows) {
         r -= s0.rows;
         s = s1;
+        seg = 1;
         if (r >= s1.rows) {
             r -= s1.rows;
             s = s2;
-            if (r >= s2.rows) return;
+            seg = 2;
         }
     }
-    const u8* rows[2] = {s.w + (i64)r * row_bytes, s.w + (i64)(r + 1) * row_bytes};
-    float acc[2];
-    row_dots<DT, 2>(rows, cols, x, lane, acc);
-    acc[0] = warp_sum(acc[0]);
-    acc[1] = warp_sum(acc[1]);
-    if (lane == 0) {
+    const bool valid = r < s.rows;  // no early return: reduce_slices synchronizes the block
+    const int rr = valid ? r : 0;
+    const u8* rows[2] = {s.w + (i64)rr * row_bytes, s.w + (i64)(rr + 1) * row_bytes};
+    float acc[2] = {0.0f, 0.0f};
+    if (valid) row_dots<DT, 2>(rows, cols, x, lane, warp % S, S, acc);
+    if (!reduce_slices<2>(acc, S) || !valid) return;
+    if (rs.inv_freq == nullptr) {
         s.y[r] = add ? s.y[r] + acc[0] : acc[0];
         s.y[r + 1] = add ? s.y[r + 1] + acc[1] : acc[1];
+        return;
+    }
+    const int pos = rs.step->pos0;
+    float y0 = acc[0], y1 = acc[1];
+    if (seg < 2) {
+        float sn, cs;
+        sincosf((float)pos * rs.inv_freq[(r % rs.head_dim) / 2], &sn, &cs);
+        y0 = acc[0] * cs - acc[1] * sn;
+        y1 = acc[0] * sn + acc[1] * cs;
+    }
+    if (seg == 0) {
+        s.y[r] = y0;
+        s.y[r + 1] = y1;
+    } else {
+        u16* dst = (seg == 1 ? rs.kc : rs.vc) + (i64)pos * rs.kv_dim;
+        dst[r] = f2h(y0);
+        dst[r + 1] = f2h(y1);
     }
 }
 
-// The feed-forward's first half for one token: out[r] = silu(gate_r · x) * (up_r · x).
+// The feed-forward's first half for one token: out[r] = silu(gate_r · x) * (up_r · x); the gate
+// and up rows are read together.
 template <int DT>
-__device__ void ffn_up(const u8* wg, const u8* wu, float* out, int rows, i64 row_bytes, int cols, const float* __restrict__ x, const float* norm_w, float eps) {
+__device__ void ffn_up(const u8* wg, const u8* wu, float* out, int rows, i64 row_bytes, int cols, const float* __restrict__ x, const float* norm_w, float eps,
+                       int S) {
     extern __shared__ float xs[];
     x = prenorm(x, cols, norm_w, eps, xs);
-    int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    const u8* both[2] = {wg + (i64)r * row_bytes, wu + (i64)r * row_bytes};
-    float acc[2];
-    row_dots<DT, 2>(both, cols, x, lane, acc);
-    float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
-    if (lane == 0) out[r] = g / (1.0f + expf(-g)) * u;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (8 / S) + warp / S;
+    const bool valid = r < rows;
+    const int rr = valid ? r : 0;
+    const u8* both[2] = {wg + (i64)rr * row_bytes, wu + (i64)rr * row_bytes};
+    float acc[2] = {0.0f, 0.0f};
+    if (valid) row_dots<DT, 2>(both, cols, x, lane, warp % S, S, acc);
+    if (reduce_slices<2>(acc, S) && valid) out[r] = acc[0] / (1.0f + expf(-acc[0])) * acc[1];
 }
 
 #define MATVEC(suffix, DT)                                                                                                                \
     extern "C" __global__ void matvec_##suffix(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add,   \
-                                               const float* norm_w, float eps) {                                                          \
-        matvec<DT>(s0, s1, s2, row_bytes, cols, x, add, norm_w, eps);                                                                     \
+                                               const float* norm_w, float eps, int S, RopeStore rs) {                                     \
+        matvec<DT>(s0, s1, s2, row_bytes, cols, x, add, norm_w, eps, S, rs);                                                              \
     }                                                                                                                                     \
     extern "C" __global__ void ffn_##suffix(const u8* wg, const u8* wu, float* out, int rows, i64 row_bytes, int cols, const float* x,     \
-                                            const float* norm_w, float eps) {                                                             \
-        ffn_up<DT>(wg, wu, out, rows, row_bytes, cols, x, norm_w, eps);                                                                   \
+                                            const float* norm_w, float eps, int S) {                                                      \
+        ffn_up<DT>(wg, wu, out, rows, row_bytes, cols, x, norm_w, eps, S);                                                                \
     }
 MATVEC(f32, DT_F32)
 MATVEC(f16, DT_F16)

@@ -115,6 +115,21 @@ struct Seg {
 
 const EMPTY_SEG: Seg = Seg { w: 0, y: 0, rows: 0 };
 
+/// The fused rotation + cache write of a decode step's q/k/v product (`RopeStore` in
+/// kernels.cu); `inv_freq == 0` means plain products.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeStore {
+    inv_freq: CUdeviceptr,
+    kc: CUdeviceptr,
+    vc: CUdeviceptr,
+    kv_dim: i32,
+    head_dim: i32,
+    step: CUdeviceptr,
+}
+
+const NO_ROPE: RopeStore = RopeStore { inv_freq: 0, kc: 0, vc: 0, kv_dim: 0, head_dim: 0, step: 0 };
+
 /// Scratch space reused across ops; growing it invalidates captured graphs (they hold its
 /// addresses), hence the generation counter.
 #[derive(Default)]
@@ -437,6 +452,11 @@ impl CudaBackend {
     /// One-token products; `norm`: (weight, eps) of an RMS norm fused in front (the caller checked
     /// [`fusable_norm`]).
     fn matvec(&self, ws: &[&Linear], x: CUdeviceptr, ys: &[CUdeviceptr], add: bool, norm: Option<(CUdeviceptr, f32)>) -> Result<(), BackendError> {
+        self.matvec_rope(ws, x, ys, add, norm, NO_ROPE)
+    }
+
+    /// [`CudaBackend::matvec`] with an optional fused rotation + cache write (q/k/v only).
+    fn matvec_rope(&self, ws: &[&Linear], x: CUdeviceptr, ys: &[CUdeviceptr], add: bool, norm: Option<(CUdeviceptr, f32)>, rs: RopeStore) -> Result<(), BackendError> {
         if !ws.iter().all(|w| fast_rows(w)) {
             for (w, &y) in ws.iter().zip(ys) {
                 let seg = Seg { w: weight_mem(w, "matmul")?.ptr(), y, rows: w.rows as i32 };
@@ -455,13 +475,14 @@ impl CudaBackend {
         let row_bytes = w0.dtype.row_bytes(w0.cols).unwrap_or(0) as i64;
         let cols = w0.cols as i32;
         let add = add as i32;
-        const WARPS: usize = 8;
-        // Two rows per warp.
-        let grid = rows.div_ceil(2 * WARPS) as u32;
+        // Pairs of rows, each pair on `slices` warps of an 8-warp block.
+        let slices = k_slices(rows / 2);
+        let grid = (rows / 2).div_ceil(8 / slices) as u32;
+        let sl = slices as i32;
         let f = self.k.matvec[dtype_code(w0.dtype)];
         let (nw, eps) = norm.unwrap_or((0, 0.0));
         let smem = if norm.is_some() { w0.cols as u32 * 4 } else { 0 };
-        self.launch_smem("matmul", f, (grid, 1, 1), (WARPS * 32) as u32, smem, &mut args![segs[0], segs[1], segs[2], row_bytes, cols, x, add, nw, eps])
+        self.launch_smem("matmul", f, (grid, 1, 1), 256, smem, &mut args![segs[0], segs[1], segs[2], row_bytes, cols, x, add, nw, eps, sl, rs])
     }
 
     /// Prefill product: the weight dequantized to f32 rows in scratch, then SGEMM.
@@ -524,6 +545,13 @@ impl CudaBackend {
         *c += 1;
         *c
     }
+}
+
+/// Warps that share a group of rows (1, 2, 4 or 8; the k-slices): enough that a launch has some
+/// 4096 warps streaming weights, so small matrices still fill the GPU's memory pipeline.
+fn k_slices(row_groups: usize) -> usize {
+    let want = 4096usize.div_ceil(row_groups.max(1));
+    [1, 2, 4, 8].into_iter().find(|&s| s >= want).unwrap_or(8)
 }
 
 /// Whether the one-token kernels can fuse an RMS norm in front: the normalized input must fit the
@@ -788,6 +816,36 @@ impl Backend for CudaBackend {
         self.matvec(ws, xm.ptr(), &ys[..ws.len()], false, Some((nm.ptr(), norm.eps)))
     }
 
+    fn attention_block(
+        &self,
+        x: &Buffer,
+        norm: Norm<'_>,
+        xn: &mut Buffer,
+        w: [&Linear; 3],
+        qkv: [&mut Buffer; 3],
+        rope: &Rope,
+        kv: &mut KvLayer,
+        out: &mut Buffer,
+        s: AttentionShape,
+    ) -> Result<(), BackendError> {
+        let _e = self.enter("attention")?;
+        let [q, k, v] = qkv;
+        // Fused for one token with GGUF's pair layout (rows 2i, 2i+1 rotate together).
+        let fusable = s.n_tokens == 1 && rope.style == RopeStyle::Interleaved && rope.head_dim == s.head_dim && fusable_norm(&w);
+        if !fusable {
+            self.norm_matmul_many(x, norm, xn, &w, &mut [&mut *q, &mut *k, &mut *v], s.n_tokens)?;
+            return self.rope_attention(q, k, v, rope, kv, out, s);
+        }
+        let (kc, vc, max_seq) = self.check_attention(q, k, v, kv, out, s)?;
+        let (xm, nm) = (cuda_buf(x, "attention")?, cuda_buf(norm.weight, "attention")?);
+        check_len("attention", "input", xm.bytes(), w[0].cols)?;
+        check_len("attention", "norm", nm.bytes(), w[0].cols)?;
+        let ys = [cuda_buf(q, "attention")?.ptr(), cuda_buf(k, "attention")?.ptr(), cuda_buf(v, "attention")?.ptr()];
+        let rs = RopeStore { inv_freq: self.rope_table(rope)?, kc, vc, kv_dim: (s.n_kv_heads * s.head_dim) as i32, head_dim: s.head_dim as i32, step: self.step_dev.ptr() };
+        self.matvec_rope(&w, xm.ptr(), &ys, false, Some((nm.ptr(), norm.eps)), rs)?;
+        self.attend(ys[0], kc, vc, cuda_buf(out, "attention")?.ptr(), max_seq, s)
+    }
+
     fn ffn_gate_up(&self, x: &Buffer, norm: Norm<'_>, xn: &mut Buffer, w_gate: &Linear, w_up: &Linear, gate: &mut Buffer, up: &mut Buffer, n_tokens: usize) -> Result<(), BackendError> {
         let _e = self.enter("matmul")?;
         let fusable = n_tokens == 1 && w_gate.rows == w_up.rows && fusable_norm(&[w_gate, w_up]);
@@ -803,7 +861,9 @@ impl Backend for CudaBackend {
         let (rows, row_bytes, cols) = (w_gate.rows as i32, w_gate.dtype.row_bytes(w_gate.cols).unwrap_or(0) as i64, w_gate.cols as i32);
         let f = self.k.ffn[dtype_code(w_gate.dtype)];
         let smem = w_gate.cols as u32 * 4;
-        self.launch_smem("matmul", f, (w_gate.rows.div_ceil(8) as u32, 1, 1), 256, smem, &mut args![wg, wu, out, rows, row_bytes, cols, xp, nw, eps])
+        let slices = k_slices(w_gate.rows);
+        let (grid, sl) = (w_gate.rows.div_ceil(8 / slices) as u32, slices as i32);
+        self.launch_smem("matmul", f, (grid, 1, 1), 256, smem, &mut args![wg, wu, out, rows, row_bytes, cols, xp, nw, eps, sl])
     }
 
     fn rope(&self, x: &mut Buffer, rope: &Rope, n_tokens: usize, n_heads: usize, pos0: usize) -> Result<(), BackendError> {
@@ -1046,9 +1106,20 @@ mod tests {
     #[test]
     fn segment_layout_matches_the_kernel() {
         assert_eq!(std::mem::size_of::<Seg>(), 24);
+        // RopeStore: three pointers, two ints, a pointer.
+        assert_eq!(std::mem::size_of::<RopeStore>(), 40);
         assert_eq!(std::mem::align_of::<Seg>(), 8);
         assert!(KERNELS.contains(&format!("#define MAX_BATCH {STEP_TOKENS}")));
         assert_eq!(STEP_TOKENS, crate::engine::MAX_BATCH);
+    }
+
+    #[test]
+    fn small_matrices_are_split_across_more_warps() {
+        assert_eq!(k_slices(64_128), 1); // output projection, 128256 rows in pairs
+        assert_eq!(k_slices(8192), 1);
+        assert_eq!(k_slices(1024), 4); // 2048 rows in pairs
+        assert_eq!(k_slices(288), 8); // SmolLM2's 576 rows in pairs
+        assert_eq!(k_slices(0), 8);
     }
 
     #[test]
