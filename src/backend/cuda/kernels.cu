@@ -610,7 +610,7 @@ extern "C" __global__ void kv_store(const float* k, const float* v, u16* kc, u16
 // ctx = pos0 + t + 1; each warp runs an online softmax over every 4th position, then the warps
 // merge. Writes the split's running max, sum and unnormalized output.
 extern "C" __global__ void attn_partial(const float* q, const u16* kc, const u16* vc, float* part, int n_heads, int n_kv_heads, int head_dim, int chunk,
-                                        float scale, const Step* step, float* final_out) {
+                                        float scale, const Step* step) {
     const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int per = head_dim / 32;  // values per lane
@@ -658,19 +658,88 @@ extern "C" __global__ void attn_partial(const float* q, const u16* kc, const u16
     for (int w = 0; w < warps; w++) big = fmaxf(big, sm_m[w]);
     for (int w = 0; w < warps; w++)
         if (sm_m[w] > -INFINITY) sum += sm_l[w] * expf(sm_m[w] - big);
-    // With a single split (`final_out`), the block owns the whole context: normalize and write
-    // the head's output directly, with no combine pass.
-    float* dst = final_out ? final_out + ((i64)t * n_heads + h) * head_dim : out + 2;
-    float norm = final_out ? 1.0f / sum : 1.0f;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float a = 0.0f;
         for (int w = 0; w < warps; w++)
             if (sm_m[w] > -INFINITY) a += sm_acc[w * head_dim + d] * expf(sm_m[w] - big);
-        dst[d] = a * norm;
+        out[2 + d] = a;
     }
-    if (threadIdx.x == 0 && !final_out) {
+    if (threadIdx.x == 0) {
         out[0] = big;
         out[1] = sum;
+    }
+}
+
+// Attention over a short context (ctx <= 1024) in one block per (head, token), with no split and
+// no combine pass: each thread scores whole positions (a full q·k dot from one 16-byte-loaded K
+// row) into shared memory, the block takes an exact softmax, then each warp accumulates V over
+// every 8th position with lanes owning dimensions, and the warps merge.
+extern "C" __global__ void attn_small(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads, int head_dim, float scale,
+                                      const Step* step) {
+    __shared__ float qs[256];
+    __shared__ float sc[1024];
+    __shared__ float red[32];
+    __shared__ float acc_s[8][256];
+    const int h = blockIdx.x, t = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    const int kv_dim = n_kv_heads * head_dim, kvh = h / (n_heads / n_kv_heads);
+    const int ctx = step->pos0 + t + 1;
+    const float* qh = q + ((i64)t * n_heads + h) * head_dim;
+    for (int d = tid; d < head_dim; d += blockDim.x) qs[d] = qh[d];
+    __syncthreads();
+    // Scores, and their maximum.
+    float mx = -INFINITY;
+    for (int p = tid; p < ctx; p += blockDim.x) {
+        const uint4* kr = (const uint4*)(kc + (i64)p * kv_dim + kvh * head_dim);
+        float s = 0.0f;
+        for (int c = 0; c < head_dim / 8; c++) {
+            uint4 w = kr[c];
+            const float* qc = qs + 8 * c;
+            s += h2f(w.x & 0xffff) * qc[0] + h2f(w.x >> 16) * qc[1] + h2f(w.y & 0xffff) * qc[2] + h2f(w.y >> 16) * qc[3] + h2f(w.z & 0xffff) * qc[4] +
+                 h2f(w.z >> 16) * qc[5] + h2f(w.w & 0xffff) * qc[6] + h2f(w.w >> 16) * qc[7];
+        }
+        s *= scale;
+        sc[p] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = warp_max(mx);
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    mx = -INFINITY;
+    for (int w = 0; w < warps; w++) mx = fmaxf(mx, red[w]);
+    __syncthreads();
+    // Exponentials and their sum.
+    float sum = 0.0f;
+    for (int p = tid; p < ctx; p += blockDim.x) {
+        float e = expf(sc[p] - mx);
+        sc[p] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) red[warp] = sum;
+    __syncthreads();
+    sum = 0.0f;
+    for (int w = 0; w < warps; w++) sum += red[w];
+    // Weighted V: warp w takes positions w, w + warps, ...; lane owns dims lane + 32j.
+    float a[MAX_HD_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < MAX_HD_PER_LANE; j++) a[j] = 0.0f;
+    const int per = head_dim / 32;
+    for (int p = warp; p < ctx; p += warps) {
+        const u16* vr = vc + (i64)p * kv_dim + kvh * head_dim;
+        const float e = sc[p];
+#pragma unroll
+        for (int j = 0; j < MAX_HD_PER_LANE; j++)
+            if (j < per) a[j] += e * h2f(vr[lane + 32 * j]);
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_HD_PER_LANE; j++)
+        if (j < per) acc_s[warp][lane + 32 * j] = a[j];
+    __syncthreads();
+    const float inv = 1.0f / sum;
+    for (int d = tid; d < head_dim; d += blockDim.x) {
+        float v = 0.0f;
+        for (int w = 0; w < warps; w++) v += acc_s[w][d];
+        out[((i64)t * n_heads + h) * head_dim + d] = v * inv;
     }
 }
 

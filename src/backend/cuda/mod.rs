@@ -81,6 +81,7 @@ struct Kernels {
     kv_store: CUfunction,
     attn_partial: CUfunction,
     attn_combine: CUfunction,
+    attn_small: CUfunction,
     _module: Module,
 }
 
@@ -290,6 +291,7 @@ impl CudaBackend {
             kv_store: f("kv_store")?,
             attn_partial: f("attn_partial")?,
             attn_combine: f("attn_combine")?,
+            attn_small: f("attn_small")?,
             _module: module,
         };
         let step_host = Pinned::alloc(&ctx, STEP_BYTES).map_err(na)?;
@@ -986,19 +988,18 @@ impl CudaBackend {
         Ok((kc.ptr(), vc.ptr(), *max_seq))
     }
 
-    /// Split attention over the cache (K/V of the new tokens already stored).
+    /// Attention over the cache (K/V of the new tokens already stored): one block per head up
+    /// to 1024 positions, split over the context and combined beyond.
     fn attend(&self, q: CUdeviceptr, kc: CUdeviceptr, vc: CUdeviceptr, out: CUdeviceptr, max_seq: usize, s: AttentionShape) -> Result<(), BackendError> {
         let (hd, nh, n) = (s.head_dim, s.n_heads, s.n_tokens);
         let (splits, chunk) = Self::splits(max_seq, n, s.pos0 + n);
-        let part = self.scratch("attention", |s| &mut s.partials, n * nh * splits * (hd + 2) * 4)?;
         let step = self.step_dev.ptr();
         let (nhi, nkvi, hdi, chunki, scale) = (nh as i32, s.n_kv_heads as i32, hd as i32, chunk as i32, 1.0f32 / (hd as f32).sqrt());
         if splits == 1 {
-            // One block per head covers the context and writes the output itself.
-            return self.launch("attention", self.k.attn_partial, (nh as u32, n as u32, 1), 256, &mut args![q, kc, vc, part, nhi, nkvi, hdi, chunki, scale, step, out]);
+            return self.launch("attention", self.k.attn_small, (nh as u32, n as u32, 1), 256, &mut args![q, kc, vc, out, nhi, nkvi, hdi, scale, step]);
         }
-        let none: CUdeviceptr = 0;
-        self.launch("attention", self.k.attn_partial, (nh as u32, n as u32, splits as u32), 128, &mut args![q, kc, vc, part, nhi, nkvi, hdi, chunki, scale, step, none])?;
+        let part = self.scratch("attention", |s| &mut s.partials, n * nh * splits * (hd + 2) * 4)?;
+        self.launch("attention", self.k.attn_partial, (nh as u32, n as u32, splits as u32), 128, &mut args![q, kc, vc, part, nhi, nkvi, hdi, chunki, scale, step])?;
         let spl = splits as i32;
         self.launch("attention", self.k.attn_combine, (nh as u32, n as u32, 1), hd as u32, &mut args![part, out, nhi, hdi, spl])
     }
