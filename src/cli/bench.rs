@@ -41,8 +41,8 @@ pub struct ParityArgs {
     pub steps: usize,
     /// Largest acceptable relative logit error (max |cpu - device| / max |cpu|); the command fails
     /// above it or when a greedy token differs. Default by weight format: 1e-3 for f32, 1e-2 for
-    /// f16/bf16, 5e-2 for quantized formats, because the CPU reference rounds activations as
-    /// ggml does (to the weight's half type, or to 8-bit blocks) and the GPU keeps them in f32
+    /// f16/bf16, 5e-2 for quantized formats (the CPU reference rounds activations as ggml does,
+    /// the GPU keeps them in f32; measured gaps are in BENCHMARKS.md)
     #[arg(long)]
     pub tolerance: Option<f32>,
     /// Print JSON instead of a table
