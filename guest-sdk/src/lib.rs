@@ -291,7 +291,9 @@ pub mod __private {
         })
     }
 
-    pub fn handle<A: Actor>(ptr: *mut u8, len: usize) -> i64 {
+    /// # Safety
+    /// `ptr` must be a buffer of `len` bytes returned by `alloc(len)` and not used afterwards.
+    pub unsafe fn handle<A: Actor>(ptr: *mut u8, len: usize) -> i64 {
         // SAFETY: the host wrote `len` bytes at `ptr`, a buffer it got from `alloc(len)`; we take
         // ownership back here (same layout as `alloc`).
         let bytes = unsafe { Vec::from_raw_parts(ptr, len, len.max(1)) };
@@ -323,7 +325,8 @@ macro_rules! export_actor {
 
         #[no_mangle]
         pub extern "C" fn driftwood_handle(ptr: *mut u8, len: usize) -> i64 {
-            $crate::__private::handle::<$actor>(ptr, len)
+            // SAFETY: the host passes back the buffer it got from `driftwood_alloc(len)`.
+            unsafe { $crate::__private::handle::<$actor>(ptr, len) }
         }
 
         #[no_mangle]

@@ -154,7 +154,15 @@ pub trait Backend: Send + Sync {
     }
     /// `matmul_many` of the RMS-normalized input: `xn = norm(x)` (written to `xn` unless the
     /// backend fuses the norm into the products), then the products of `xn`.
-    fn norm_matmul_many(&self, x: &Buffer, norm: Norm<'_>, xn: &mut Buffer, ws: &[&Linear], outs: &mut [&mut Buffer], n_tokens: usize) -> Result<(), BackendError> {
+    fn norm_matmul_many(
+        &self,
+        x: &Buffer,
+        norm: Norm<'_>,
+        xn: &mut Buffer,
+        ws: &[&Linear],
+        outs: &mut [&mut Buffer],
+        n_tokens: usize,
+    ) -> Result<(), BackendError> {
         let cols = ws.first().map(|w| w.cols).unwrap_or(0);
         self.rms_norm(x, norm.weight, xn, n_tokens, cols, norm.eps)?;
         self.matmul_many(ws, xn, outs, n_tokens)
@@ -168,7 +176,16 @@ pub trait Backend: Send + Sync {
     fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, shape: AttentionShape) -> Result<(), BackendError>;
     /// Rotates `q` and `k`, then [`Backend::attention`]: the ops always run together, and a GPU
     /// fuses the rotation with the cache write.
-    fn rope_attention(&self, q: &mut Buffer, k: &mut Buffer, v: &Buffer, rope: &Rope, kv: &mut KvLayer, out: &mut Buffer, shape: AttentionShape) -> Result<(), BackendError> {
+    fn rope_attention(
+        &self,
+        q: &mut Buffer,
+        k: &mut Buffer,
+        v: &Buffer,
+        rope: &Rope,
+        kv: &mut KvLayer,
+        out: &mut Buffer,
+        shape: AttentionShape,
+    ) -> Result<(), BackendError> {
         self.rope(q, rope, shape.n_tokens, shape.n_heads, shape.pos0)?;
         self.rope(k, rope, shape.n_tokens, shape.n_kv_heads, shape.pos0)?;
         self.attention(q, k, v, kv, out, shape)
@@ -196,7 +213,17 @@ pub trait Backend: Send + Sync {
     /// The feed-forward's first half on the normalized input: `xn = norm(x)`, then
     /// `gate = silu(w_gate · xn) * (w_up · xn)`; `xn` and `up` are scratch.
     #[allow(clippy::too_many_arguments)]
-    fn ffn_gate_up(&self, x: &Buffer, norm: Norm<'_>, xn: &mut Buffer, w_gate: &Linear, w_up: &Linear, gate: &mut Buffer, up: &mut Buffer, n_tokens: usize) -> Result<(), BackendError> {
+    fn ffn_gate_up(
+        &self,
+        x: &Buffer,
+        norm: Norm<'_>,
+        xn: &mut Buffer,
+        w_gate: &Linear,
+        w_up: &Linear,
+        gate: &mut Buffer,
+        up: &mut Buffer,
+        n_tokens: usize,
+    ) -> Result<(), BackendError> {
         self.norm_matmul_many(x, norm, xn, &[w_gate, w_up], &mut [&mut *gate, &mut *up], n_tokens)?;
         self.silu_mul(gate, up, n_tokens * w_gate.rows)
     }

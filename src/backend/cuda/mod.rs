@@ -23,7 +23,9 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUstream};
 use cudarc::driver::{result, CudaContext, CudaStream};
 
-use super::{check_gemm_dims, AttentionShape, Backend, BackendError, Buffer, DeviceBuffer, DeviceInfo, DeviceKind, KvLayer, Linear, Norm, Rope, RopeStyle, WeightData};
+use super::{
+    check_gemm_dims, AttentionShape, Backend, BackendError, Buffer, DeviceBuffer, DeviceInfo, DeviceKind, KvLayer, Linear, Norm, Rope, RopeStyle, WeightData,
+};
 use crate::actor::region::{page_size, Region};
 use crate::engine::dtype::DType;
 pub use driver::DevMem;
@@ -298,7 +300,12 @@ impl CudaBackend {
         let step_dev = DevMem::zeroed(&ctx, STEP_BYTES).map_err(na)?;
         let use_graphs = std::env::var("DRIFTWOOD_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true);
         Ok(CudaBackend {
-            info: DeviceInfo { kind: DeviceKind::Cuda, name: format!("{device} ({name}, {arch}, {sms} SMs)"), can_use_host_pointer: host_ptr, parallelism: sms },
+            info: DeviceInfo {
+                kind: DeviceKind::Cuda,
+                name: format!("{device} ({name}, {arch}, {sms} SMs)"),
+                can_use_host_pointer: host_ptr,
+                parallelism: sms,
+            },
             ctx,
             stream,
             blas: BlasHandle(blas),
@@ -458,7 +465,15 @@ impl CudaBackend {
     }
 
     /// [`CudaBackend::matvec`] with an optional fused rotation + cache write (q/k/v only).
-    fn matvec_rope(&self, ws: &[&Linear], x: CUdeviceptr, ys: &[CUdeviceptr], add: bool, norm: Option<(CUdeviceptr, f32)>, rs: RopeStore) -> Result<(), BackendError> {
+    fn matvec_rope(
+        &self,
+        ws: &[&Linear],
+        x: CUdeviceptr,
+        ys: &[CUdeviceptr],
+        add: bool,
+        norm: Option<(CUdeviceptr, f32)>,
+        rs: RopeStore,
+    ) -> Result<(), BackendError> {
         if !ws.iter().all(|w| fast_rows(w)) {
             for (w, &y) in ws.iter().zip(ys) {
                 let seg = Seg { w: weight_mem(w, "matmul")?.ptr(), y, rows: w.rows as i32 };
@@ -799,7 +814,15 @@ impl Backend for CudaBackend {
         self.product(&[w], xm.ptr(), &[om.ptr()], n_tokens, true)
     }
 
-    fn norm_matmul_many(&self, x: &Buffer, norm: Norm<'_>, xn: &mut Buffer, ws: &[&Linear], outs: &mut [&mut Buffer], n_tokens: usize) -> Result<(), BackendError> {
+    fn norm_matmul_many(
+        &self,
+        x: &Buffer,
+        norm: Norm<'_>,
+        xn: &mut Buffer,
+        ws: &[&Linear],
+        outs: &mut [&mut Buffer],
+        n_tokens: usize,
+    ) -> Result<(), BackendError> {
         let _e = self.enter("matmul")?;
         if n_tokens != 1 || ws.is_empty() || !fusable_norm(ws) || ws.len() != outs.len() {
             let cols = ws.first().map(|w| w.cols).unwrap_or(0);
@@ -843,12 +866,29 @@ impl Backend for CudaBackend {
         check_len("attention", "input", xm.bytes(), w[0].cols)?;
         check_len("attention", "norm", nm.bytes(), w[0].cols)?;
         let ys = [cuda_buf(q, "attention")?.ptr(), cuda_buf(k, "attention")?.ptr(), cuda_buf(v, "attention")?.ptr()];
-        let rs = RopeStore { inv_freq: self.rope_table(rope)?, kc, vc, kv_dim: (s.n_kv_heads * s.head_dim) as i32, head_dim: s.head_dim as i32, step: self.step_dev.ptr() };
+        let rs = RopeStore {
+            inv_freq: self.rope_table(rope)?,
+            kc,
+            vc,
+            kv_dim: (s.n_kv_heads * s.head_dim) as i32,
+            head_dim: s.head_dim as i32,
+            step: self.step_dev.ptr(),
+        };
         self.matvec_rope(&w, xm.ptr(), &ys, false, Some((nm.ptr(), norm.eps)), rs)?;
         self.attend(ys[0], kc, vc, cuda_buf(out, "attention")?.ptr(), max_seq, s)
     }
 
-    fn ffn_gate_up(&self, x: &Buffer, norm: Norm<'_>, xn: &mut Buffer, w_gate: &Linear, w_up: &Linear, gate: &mut Buffer, up: &mut Buffer, n_tokens: usize) -> Result<(), BackendError> {
+    fn ffn_gate_up(
+        &self,
+        x: &Buffer,
+        norm: Norm<'_>,
+        xn: &mut Buffer,
+        w_gate: &Linear,
+        w_up: &Linear,
+        gate: &mut Buffer,
+        up: &mut Buffer,
+        n_tokens: usize,
+    ) -> Result<(), BackendError> {
         let _e = self.enter("matmul")?;
         let fusable = n_tokens == 1 && w_gate.rows == w_up.rows && fusable_norm(&[w_gate, w_up]);
         if !fusable {
@@ -874,7 +914,8 @@ impl Backend for CudaBackend {
         check_len("rope", "input", xm.bytes(), n_tokens * n_heads * rope.head_dim)?;
         self.stage_step("rope", pos0, n_tokens, None)?;
         let table = self.rope_table(rope)?;
-        let (xp, n, h, hd, hs, step) = (xm.ptr(), n_tokens as i32, n_heads as i32, rope.head_dim as i32, (rope.style == RopeStyle::HalfSplit) as i32, self.step_dev.ptr());
+        let (xp, n, h, hd, hs, step) =
+            (xm.ptr(), n_tokens as i32, n_heads as i32, rope.head_dim as i32, (rope.style == RopeStyle::HalfSplit) as i32, self.step_dev.ptr());
         let total = n_tokens * n_heads * rope.head_dim / 2;
         self.launch("rope", self.k.rope, (total.div_ceil(256) as u32, 1, 1), 256, &mut args![xp, table, n, h, hd, hs, step])
     }
@@ -882,13 +923,23 @@ impl Backend for CudaBackend {
     fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, s: AttentionShape) -> Result<(), BackendError> {
         let _e = self.enter("attention")?;
         let (kc, vc, max_seq) = self.check_attention(q, k, v, kv, out, s)?;
-        let (kp, vp, step, ni, kvd) = (cuda_buf(k, "attention")?.ptr(), cuda_buf(v, "attention")?.ptr(), self.step_dev.ptr(), s.n_tokens as i32, (s.n_kv_heads * s.head_dim) as i32);
+        let (kp, vp, step, ni, kvd) =
+            (cuda_buf(k, "attention")?.ptr(), cuda_buf(v, "attention")?.ptr(), self.step_dev.ptr(), s.n_tokens as i32, (s.n_kv_heads * s.head_dim) as i32);
         let total = (s.n_tokens * s.n_kv_heads * s.head_dim) as u32;
         self.launch("attention", self.k.kv_store, (total.div_ceil(256), 1, 1), 256, &mut args![kp, vp, kc, vc, ni, kvd, step])?;
         self.attend(cuda_buf(q, "attention")?.ptr(), kc, vc, cuda_buf(out, "attention")?.ptr(), max_seq, s)
     }
 
-    fn rope_attention(&self, q: &mut Buffer, k: &mut Buffer, v: &Buffer, rope: &Rope, kv: &mut KvLayer, out: &mut Buffer, s: AttentionShape) -> Result<(), BackendError> {
+    fn rope_attention(
+        &self,
+        q: &mut Buffer,
+        k: &mut Buffer,
+        v: &Buffer,
+        rope: &Rope,
+        kv: &mut KvLayer,
+        out: &mut Buffer,
+        s: AttentionShape,
+    ) -> Result<(), BackendError> {
         let _e = self.enter("attention")?;
         if rope.head_dim != s.head_dim {
             return Err(BackendError::InvalidArgument { op: "attention", reason: format!("rope head_dim {} != {}", rope.head_dim, s.head_dim) });
@@ -898,7 +949,13 @@ impl Backend for CudaBackend {
         let (qp, kp, vp, step) = (cuda_buf(q, "attention")?.ptr(), cuda_buf(k, "attention")?.ptr(), cuda_buf(v, "attention")?.ptr(), self.step_dev.ptr());
         let (n, nh, nkv, hd, hs) = (s.n_tokens as i32, s.n_heads as i32, s.n_kv_heads as i32, s.head_dim as i32, (rope.style == RopeStyle::HalfSplit) as i32);
         let threads = (s.n_tokens * (s.n_heads + s.n_kv_heads) * s.head_dim / 2).max(s.n_tokens * s.n_kv_heads * s.head_dim);
-        self.launch("attention", self.k.rope_store, (threads.div_ceil(256) as u32, 1, 1), 256, &mut args![qp, kp, vp, kc, vc, table, n, nh, nkv, hd, hs, step])?;
+        self.launch(
+            "attention",
+            self.k.rope_store,
+            (threads.div_ceil(256) as u32, 1, 1),
+            256,
+            &mut args![qp, kp, vp, kc, vc, table, n, nh, nkv, hd, hs, step],
+        )?;
         self.attend(qp, kc, vc, cuda_buf(out, "attention")?.ptr(), max_seq, s)
     }
 
@@ -969,7 +1026,15 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     /// Checks an attention call's buffers and cache, stages the position, and returns the cache.
-    fn check_attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &KvLayer, out: &Buffer, s: AttentionShape) -> Result<(CUdeviceptr, CUdeviceptr, usize), BackendError> {
+    fn check_attention(
+        &self,
+        q: &Buffer,
+        k: &Buffer,
+        v: &Buffer,
+        kv: &KvLayer,
+        out: &Buffer,
+        s: AttentionShape,
+    ) -> Result<(CUdeviceptr, CUdeviceptr, usize), BackendError> {
         let KvLayer::Cuda { k: kc, v: vc, max_seq, kv_dim } = kv else {
             return Err(BackendError::InvalidArgument { op: "attention", reason: "KV cache belongs to another device".into() });
         };
@@ -999,7 +1064,13 @@ impl CudaBackend {
             return self.launch("attention", self.k.attn_small, (nh as u32, n as u32, 1), 256, &mut args![q, kc, vc, out, nhi, nkvi, hdi, scale, step]);
         }
         let part = self.scratch("attention", |s| &mut s.partials, n * nh * splits * (hd + 2) * 4)?;
-        self.launch("attention", self.k.attn_partial, (nh as u32, n as u32, splits as u32), 128, &mut args![q, kc, vc, part, nhi, nkvi, hdi, chunki, scale, step])?;
+        self.launch(
+            "attention",
+            self.k.attn_partial,
+            (nh as u32, n as u32, splits as u32),
+            128,
+            &mut args![q, kc, vc, part, nhi, nkvi, hdi, chunki, scale, step],
+        )?;
         let spl = splits as i32;
         self.launch("attention", self.k.attn_combine, (nh as u32, n as u32, 1), hd as u32, &mut args![part, out, nhi, hdi, spl])
     }
