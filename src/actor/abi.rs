@@ -37,7 +37,7 @@ pub fn guest_range(memory: usize, ptr: u32, len: u64, align: usize, func: &'stat
     if end > memory as u64 {
         return Err(AbiError::OutOfBounds { func, arg, start, end, len, memory });
     }
-    if align > 1 && (ptr as usize) % align != 0 {
+    if align > 1 && !(ptr as usize).is_multiple_of(align) {
         return Err(AbiError::Misaligned { func, arg, ptr, align });
     }
     Ok(start as usize..end as usize)

@@ -435,7 +435,7 @@ impl Actor {
             if !g.ty(&self.store).content().matches(&val.ty(&self.store).map_err(|e| self.protocol(format!("{e:#}")))?) {
                 return Err(self.protocol(format!("global {index} has type {}, the snapshot holds another type", g.ty(&self.store).content())));
             }
-            targets.push((g, val.clone()));
+            targets.push((g, *val));
         }
         if self.memory_size() > bytes.len() {
             return Err(self.protocol(format!(

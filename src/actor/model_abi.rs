@@ -121,7 +121,7 @@ pub fn add_to_linker(linker: &mut Linker<ActorState>) -> wasmtime::Result<()> {
             let packed = read_str(&mut caller, msgs as u32, len as u32, F, "messages")?;
             let parts: Vec<&str> = packed.split('\0').collect();
             // "role\0content\0" repeated: an even number of parts plus the empty tail.
-            if parts.last() != Some(&"") || parts.len() % 2 == 0 {
+            if parts.last() != Some(&"") || parts.len().is_multiple_of(2) {
                 return Err(AbiError::Overflow { func: F, arg: "messages", what: "expected role\\0content\\0 pairs".into() }.into());
             }
             let messages: Vec<crate::engine::tokenizer::ChatMessage> =

@@ -176,6 +176,7 @@ pub trait Backend: Send + Sync {
     fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, shape: AttentionShape) -> Result<(), BackendError>;
     /// Rotates `q` and `k`, then [`Backend::attention`]: the ops always run together, and a GPU
     /// fuses the rotation with the cache write.
+    #[allow(clippy::too_many_arguments)]
     fn rope_attention(
         &self,
         q: &mut Buffer,

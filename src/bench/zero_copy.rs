@@ -128,7 +128,17 @@ fn gemm_row(actor: &mut crate::actor::Actor, backend: &dyn Backend, n: usize, mi
     let checks = checked_elements(n, &mut rng);
     let reference: Vec<f64> = checks.iter().map(|&(i, j)| (0..n).map(|k| a[i * n + k] as f64 * b[k * n + j] as f64).sum()).collect();
     let tolerance = |r: f64| 1e-5 * n as f64 + 1e-5 * r.abs();
-    let count_errors = |c: &[f32]| checks.iter().zip(&reference).filter(|(&(i, j), r)| !((c[i * n + j] as f64 - **r).abs() <= tolerance(**r))).count();
+    let count_errors = |c: &[f32]| {
+        checks
+            .iter()
+            .zip(&reference)
+            .filter(|(&(i, j), r)| {
+                // NaN (an unwritten element) counts as an error.
+                let err = (c[i * n + j] as f64 - **r).abs();
+                err.is_nan() || err > tolerance(**r)
+            })
+            .count()
+    };
 
     let mut zc = Vec::new();
     let started = Instant::now();

@@ -132,7 +132,7 @@ pub struct SnapshotArgs {
 
 impl SnapshotArgs {
     fn execute(self) -> anyhow::Result<()> {
-        if self.tokens.iter().any(|&n| n == 0) {
+        if self.tokens.contains(&0) {
             anyhow::bail!("--tokens: each length must be at least 1");
         }
         let loaded = self.target.load()?;
@@ -190,7 +190,7 @@ pub struct InferenceArgs {
 
 impl InferenceArgs {
     fn execute(self) -> anyhow::Result<()> {
-        if self.decode == 0 || self.prefill.iter().any(|&n| n == 0) {
+        if self.decode == 0 || self.prefill.contains(&0) {
             anyhow::bail!("--prefill sizes and --decode must be at least 1");
         }
         let loaded = self.target.load()?;

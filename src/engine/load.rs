@@ -182,7 +182,7 @@ pub fn load_gguf(path: &Path, backend: Arc<dyn Backend>, name: Option<&str>) -> 
     let dim = file.get_u32(&key("embedding_length"))? as usize;
     let n_heads = file.get_u32(&key("attention.head_count"))? as usize;
     let n_kv_heads = file.get_u32_opt(&key("attention.head_count_kv"))?.map(|v| v as usize).unwrap_or(n_heads);
-    if n_heads == 0 || n_kv_heads == 0 || dim % n_heads != 0 || n_heads % n_kv_heads != 0 {
+    if n_heads == 0 || n_kv_heads == 0 || !dim.is_multiple_of(n_heads) || !n_heads.is_multiple_of(n_kv_heads) {
         return Err(invalid(path, format!("inconsistent heads: dim {dim}, {n_heads} heads, {n_kv_heads} kv heads")));
     }
     let head_dim = file.get_u32_opt(&key("attention.key_length"))?.map(|v| v as usize).unwrap_or(dim / n_heads);
@@ -375,7 +375,7 @@ fn check_config(path: &Path, c: &Config) -> Result<(), ModelError> {
         && c.n_layers <= 1024
         && c.dim > 0
         && c.head_dim > 0
-        && c.head_dim % 2 == 0
+        && c.head_dim.is_multiple_of(2)
         && c.head_dim <= 512
         && c.ffn_dim > 0
         && c.vocab_size > 0

@@ -89,7 +89,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if quant::isa() >= quant::Isa::Avx2 && q.len() % 8 == 0 {
+        if quant::isa() >= quant::Isa::Avx2 && q.len().is_multiple_of(8) {
             // SAFETY: AVX2/F16C/FMA are present (isa() detected them); lengths are equal multiples of 8.
             return unsafe { dot_f16_avx2(q, k) };
         }
@@ -127,7 +127,7 @@ unsafe fn dot_f16_avx2(q: &[f32], k: &[u16]) -> f32 {
 fn axpy_f16(out: &mut [f32], w: f32, row: &[u16]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if quant::isa() >= quant::Isa::Avx2 && out.len() % 8 == 0 {
+        if quant::isa() >= quant::Isa::Avx2 && out.len().is_multiple_of(8) {
             // SAFETY: as in `dot_f16`.
             return unsafe { axpy_f16_avx2(out, w, row) };
         }

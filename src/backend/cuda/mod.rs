@@ -272,7 +272,7 @@ impl CudaBackend {
         let arch = format!("sm_{major}{minor}");
         let ptx = driver::compile_cached(KERNELS, &arch, kernel_cache_dir()).map_err(na)?;
         let module = Module::load_ptx(&ctx, &ptx).map_err(na)?;
-        let f = |n: &str| module.function(n).map_err(|e| na(e));
+        let f = |n: &str| module.function(n).map_err(&na);
         let suffixes = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"];
         let (mut matvec, mut ffn) = ([std::ptr::null_mut(); 9], [std::ptr::null_mut(); 9]);
         for (i, suffix) in suffixes.iter().enumerate() {
@@ -581,10 +581,10 @@ fn fusable_norm(ws: &[&Linear]) -> bool {
 /// Whether the specialized matvec kernels can read this weight's rows (16-byte aligned dense rows).
 fn fast_rows(w: &Linear) -> bool {
     // The kernels also take rows in pairs.
-    w.rows % 2 == 0
+    w.rows.is_multiple_of(2)
         && match w.dtype {
-            DType::F32 => w.cols % 4 == 0,
-            DType::F16 | DType::BF16 => w.cols % 8 == 0,
+            DType::F32 => w.cols.is_multiple_of(4),
+            DType::F16 | DType::BF16 => w.cols.is_multiple_of(8),
             _ => true,
         }
 }
