@@ -23,8 +23,8 @@
 //!
 //! [`write`] goes through a temp file in the target's directory, fsyncs it, renames it over the
 //! final name and fsyncs the directory, so a crash leaves either the old file or the new one
-//! (plus, at worst, a stray `.{name}.tmp-*` file). [`read`] validates the whole file against its
-//! metadata before returning, and never panics or allocates more than the file's size (plus the
+//! (plus, at worst, a stray `.{name}.tmp-*` file, which the next save to that name removes).
+//! [`read`] validates the whole file against its metadata before returning, and never panics or allocates more than the file's size (plus the
 //! zero-filled memory, which is capped at 4 GiB) on a corrupt or hostile file.
 
 use std::collections::HashMap;
@@ -453,6 +453,7 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> 
         return Err(e);
     }
     File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(path, "fsync its directory"))?;
+    remove_stale_temps(&dir, &base);
 
     Ok(WriteStats {
         file_bytes: 8 + header.len() as u64 + data_len,
@@ -460,6 +461,29 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<WriteStats, SnapshotError> 
         stored_memory_bytes: (page_index.len() * PAGE_BYTES) as u64,
         kv_bytes,
     })
+}
+
+/// Removes temp files of earlier saves to the same name whose writer process is gone (a save
+/// killed midway leaves one behind). Best effort: anything unreadable is left alone.
+fn remove_stale_temps(dir: &Path, base: &str) {
+    let prefix = format!(".{base}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && !process_alive(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this id exists (signal 0 probes without sending anything).
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 performs only the existence and permission check.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// A parsed, validated header: everything but the tensor data.

@@ -155,6 +155,13 @@ fn killing_a_save_never_damages_the_previous_snapshot() {
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
         assert!(leftovers.iter().any(|n| n == "g.dws"), "{leftovers:?}");
     }
+    // A killed save may leave a temp file; the next successful save to the name removes it (its
+    // writer is gone), plus one planted for a process that cannot exist.
+    std::fs::write(dir.path().join(".g.dws.tmp-999999999-0"), b"junk").unwrap();
+    run(&["run", gemm.to_str().unwrap(), "-p", "8", "--save", snap.to_str().unwrap()]).assert_code(0);
+    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "stale temp files survive a later save: {names:?}");
+    format::read(&snap).expect("the last save is complete");
 }
 
 #[test]
