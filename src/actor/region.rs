@@ -225,4 +225,38 @@ mod tests {
         assert!(err.contains("device full"), "{err}");
         assert_eq!(region.committed(), 65536);
     }
+
+    /// A device's registration lives in its hook; the region must drop hooks while the pages are
+    /// still mapped (reading an unmapped page here would crash the test).
+    #[test]
+    fn hooks_are_dropped_while_the_pages_are_still_mapped() {
+        struct Probe {
+            base: *mut u8,
+            seen: Arc<AtomicUsize>,
+        }
+        // SAFETY: the probe only reads the region's first byte, in drop.
+        unsafe impl Send for Probe {}
+        // SAFETY: as above.
+        unsafe impl Sync for Probe {}
+        impl Drop for Probe {
+            fn drop(&mut self) {
+                // SAFETY: the first page is committed; the test checks it is still mapped.
+                let v = unsafe { self.base.read_volatile() };
+                self.seen.store(v as usize + 1, Ordering::SeqCst);
+            }
+        }
+        let region = Region::reserve(1 << 20, 65536, 1 << 20).unwrap();
+        // SAFETY: the first 64 KiB are committed.
+        unsafe { region.base().write(41) };
+        let seen = Arc::new(AtomicUsize::new(0));
+        let probe = Probe { base: region.base(), seen: seen.clone() };
+        region
+            .add_grow_hook(Box::new(move |_, _, _| {
+                let _ = &probe;
+                Ok(())
+            }))
+            .unwrap();
+        drop(region);
+        assert_eq!(seen.load(Ordering::SeqCst), 42, "the hook's state saw the region's bytes when it was dropped");
+    }
 }
