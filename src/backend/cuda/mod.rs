@@ -766,7 +766,7 @@ impl Backend for CudaBackend {
         }
         let o = cuda_buf(out, "embed")?;
         check_len("embed", "output", o.bytes(), tokens.len() * table.cols)?;
-        // Outside a pass, embedding starts one at position 0 as far as the Step record knows.
+        // Embedding needs the token ids, not a position: keep the pass's (or the last) position.
         let pos0 = self.pass.lock().unwrap_or_else(|e| e.into_inner()).pos0;
         self.stage_step("embed", pos0, tokens.len(), Some(tokens))?;
         let (dt, rb, cols) = (dtype_code(table.dtype) as i32, table.dtype.row_bytes(table.cols).unwrap_or(0) as i64, table.cols as i32);
