@@ -47,6 +47,10 @@ if [ -z "$BIN" ]; then
 fi
 [ -x "${BIN:-}" ] || { echo "gpu.sh: no driftwood binary (build with cargo build --release, or pass --bin)" >&2; exit 2; }
 command -v nvidia-smi >/dev/null || { echo "gpu.sh: nvidia-smi not found: this script needs an NVIDIA GPU" >&2; exit 2; }
+if [ -z "$REAL" ]; then
+    fetched="${DRIFTWOOD_MODELS:-$HOME/.cache/driftwood/models}/SmolLM2-135M-Instruct.Q4_1.gguf"
+    [ -s "$fetched" ] && REAL="$fetched"
+fi
 mkdir -p "$OUT" "$MODELS"
 export NCCL_NVLS_ENABLE=0
 FAILED=0
