@@ -223,21 +223,10 @@ pub struct ModelIdentity {
 mod tests {
     use super::*;
 
+    /// Llama-3.2-1B's hyperparameters (the synthesizer's preset), with Hugging Face pairing.
     fn llama32_config() -> Config {
-        Config {
-            n_layers: 16,
-            dim: 2048,
-            n_heads: 32,
-            n_kv_heads: 8,
-            head_dim: 64,
-            ffn_dim: 8192,
-            vocab_size: 128256,
-            context_length: 131072,
-            rms_eps: 1e-5,
-            rope_theta: 500000.0,
-            rope_style: RopeStyle::HalfSplit,
-            rope_scaling: Some(Llama3RopeScaling { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 }),
-        }
+        let c = crate::engine::synth::SynthShape::preset("llama-3.2-1b").expect("a preset").config();
+        Config { rope_style: RopeStyle::HalfSplit, ..c }
     }
 
     #[test]

@@ -189,6 +189,24 @@ impl SynthShape {
         [self.dim, self.q_dim(), self.ffn_dim].iter().all(|c| c.is_multiple_of(dtype.block_elems()))
     }
 
+    /// The hyperparameters the loader reads back from the written file (GGUF pair layout).
+    pub fn config(&self) -> crate::engine::model::Config {
+        crate::engine::model::Config {
+            n_layers: self.n_layers,
+            dim: self.dim,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            ffn_dim: self.ffn_dim,
+            vocab_size: self.vocab_size,
+            context_length: self.context_length,
+            rms_eps: self.rms_eps,
+            rope_theta: self.rope_theta,
+            rope_style: crate::backend::RopeStyle::Interleaved,
+            rope_scaling: self.rope_scaling.clone(),
+        }
+    }
+
     /// Llama 3 RoPE factors as llama.cpp's converter computes them (`head_dim / 2` divisors of
     /// the inverse frequencies), or `None` without scaling.
     pub fn rope_factors(&self) -> Option<Vec<f32>> {
@@ -475,8 +493,6 @@ pub fn write_synth(shape: &SynthShape, dtype: DType, seed: u64, path: &Path, pro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::RopeStyle;
-    use crate::engine::model::Config;
 
     #[test]
     fn presets_have_the_published_parameter_counts() {
@@ -507,20 +523,7 @@ mod tests {
     #[test]
     fn rope_factors_reproduce_llama3_scaling() {
         let s = SynthShape::preset("llama-3.2-1b").unwrap();
-        let c = Config {
-            n_layers: s.n_layers,
-            dim: s.dim,
-            n_heads: s.n_heads,
-            n_kv_heads: s.n_kv_heads,
-            head_dim: s.head_dim,
-            ffn_dim: s.ffn_dim,
-            vocab_size: s.vocab_size,
-            context_length: s.context_length,
-            rms_eps: s.rms_eps,
-            rope_theta: s.rope_theta,
-            rope_style: RopeStyle::Interleaved,
-            rope_scaling: s.rope_scaling.clone(),
-        };
+        let c = s.config();
         let factors = s.rope_factors().unwrap();
         assert_eq!(factors.len(), 32);
         assert_eq!((factors[0], factors[31]), (1.0, 32.0), "high frequencies kept, low ones divided by the factor");
