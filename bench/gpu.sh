@@ -99,6 +99,26 @@ if has parity; then
     if [ -n "$REAL" ] && [ -s "$REAL" ]; then
         check "$BIN" bench parity -m "$REAL" --device cuda --steps 32
     fi
+    # The logits actor picks each token in Wasm from logits the host stores into its memory:
+    # on CUDA the device writes them there itself. Both devices must pick the same tokens.
+    LOGITS="$ROOT/examples/target/wasm32-wasip1/release/logits.wasm"
+    [ -s "$LOGITS" ] || LOGITS="$ROOT/.gpu/logits.wasm"
+    if [ -s "$LOGITS" ]; then
+        M="${REAL:-$(synth smollm2-135m q4_1 2)}"
+        for dev in cpu cuda; do
+            "$BIN" run "$LOGITS" -m "$M" --device $dev --verbose --prompt "The capital of France is" > "$OUT/logits-$dev.txt" 2> "$OUT/logits-$dev.err" || true
+            grep "straight into actor memory" "$OUT/logits-$dev.err" || { echo "!! logits actor failed on $dev:"; tail -n 5 "$OUT/logits-$dev.err"; }
+        done
+        if [ -s "$OUT/logits-cpu.txt" ] && [ "$(grep tokens= "$OUT/logits-cpu.txt")" = "$(grep tokens= "$OUT/logits-cuda.txt")" ]; then
+            echo "logits actor: CPU and CUDA pick the same tokens: $(grep tokens= "$OUT/logits-cuda.txt")"
+        else
+            echo "!! logits actor: CPU and CUDA differ:"; cat "$OUT/logits-cpu.txt" "$OUT/logits-cuda.txt"
+            FAILED=$((FAILED + 1))
+        fi
+    else
+        echo "!! no logits.wasm (build examples, or copy it to .gpu/logits.wasm)"
+        FAILED=$((FAILED + 1))
+    fi
 fi
 
 if has snapshot; then

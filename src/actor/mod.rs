@@ -89,6 +89,8 @@ pub struct HostStats {
     pub calls: u64,
     pub tokens_evaluated: u64,
     pub compute: Duration,
+    /// `eval` calls whose logits the device stored straight into the actor's memory.
+    pub logits_in_place: u64,
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.

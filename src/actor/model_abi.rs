@@ -1,8 +1,9 @@
 //! The model imports of module `driftwood`: tokenizer, chat template, eval, sampling, KV cache.
 //!
 //! Each reaches the actor's own [`Session`] in its store. Buffers go through
-//! [`abi::guest_range`]; results are written straight into guest memory (logits included: the
-//! CPU backend's logits are copied once from the session into the guest buffer, no other copy).
+//! [`abi::guest_range`]; results are written straight into guest memory. Logits too: on CUDA
+//! the device stores them into the actor's registered pages itself; the CPU backend's are copied
+//! once into the guest.
 //! Functions that fill a caller buffer return the size needed, snprintf-style.
 
 use std::time::Instant;
@@ -146,19 +147,19 @@ pub fn add_to_linker(linker: &mut Linker<ActorState>) -> wasmtime::Result<()> {
         let mem = abi::memory(&mut caller, F)?;
         let out_range = if logits != 0 { Some(guest_range(mem.data_size(&caller), logits as u32, vocab as u64 * 4, 4, F, "logits")?) } else { None };
         let started = Instant::now();
-        let result = session(&mut caller).map(|s| s.eval(&ids)).unwrap_or(Ok(()));
-        if let Err(e) = result {
-            return Ok(engine_status(&caller, "eval", &e));
-        }
-        if let Some(range) = out_range {
-            let (data, state) = mem.data_and_store_mut(&mut caller);
-            if let Some(s) = state.session.as_ref() {
-                for (chunk, v) in data[range].chunks_exact_mut(4).zip(s.logits()) {
-                    chunk.copy_from_slice(&v.to_le_bytes());
-                }
+        let result = match out_range {
+            Some(range) => {
+                let (data, state) = mem.data_and_store_mut(&mut caller);
+                state.session.as_mut().map(|s| s.eval_into(&ids, &mut data[range])).unwrap_or(Ok(false))
             }
-        }
+            None => session(&mut caller).map(|s| s.eval(&ids).map(|()| false)).unwrap_or(Ok(false)),
+        };
+        let in_place = match result {
+            Ok(d) => d,
+            Err(e) => return Ok(engine_status(&caller, "eval", &e)),
+        };
         let st = &mut caller.data_mut().host_stats;
+        st.logits_in_place += u64::from(in_place);
         st.calls += 1;
         st.tokens_evaluated += ids.len() as u64;
         st.compute += started.elapsed();

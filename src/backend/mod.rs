@@ -95,6 +95,18 @@ pub trait Backend: Send + Sync {
     /// `b`, and nothing else may access these bytes during the call.
     unsafe fn gemm_shared(&self, a: *const f32, b: *const f32, c: *mut f32, m: usize, n: usize, k: usize) -> Result<(), BackendError>;
 
+    /// Writes the first `n` values of `src` straight into host memory this device shares through
+    /// [`Backend::share_region`] (an actor's linear memory): the device stores into the guest's
+    /// pages, with no staging copy. `Ok(false)` when this backend has no such path or `dst` is
+    /// not shared with it; the caller then downloads and copies.
+    ///
+    /// # Safety
+    /// `dst` must be 4-byte aligned and valid for `n` writes, and nothing else may access those
+    /// bytes during the call.
+    unsafe fn write_shared(&self, _src: &Buffer, _dst: *mut f32, _n: usize) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
     /// The same product through explicit copies: operands copied into device buffers, the
     /// product computed there and copied back into `c`.
     fn gemm_copied(&self, a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) -> Result<(), BackendError>;

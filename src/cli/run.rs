@@ -84,6 +84,17 @@ impl RunArgs {
         } else {
             deliver_messages(&mut actor, &self.prompts)?;
         }
+        if self.runtime.verbose {
+            let st = actor.host_stats();
+            eprintln!(
+                "driftwood: {} model calls, {} tokens evaluated in {:.1} ms; {} logits vectors stored by {} straight into actor memory",
+                st.calls,
+                st.tokens_evaluated,
+                st.compute.as_secs_f64() * 1e3,
+                st.logits_in_place,
+                runtime.config().backend.info().name
+            );
+        }
         if let Some(path) = &self.save {
             save_snapshot(&mut actor, path, self.runtime.verbose)?;
         }

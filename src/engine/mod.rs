@@ -75,6 +75,39 @@ impl Session {
 
     /// Appends tokens to the cache; afterwards [`Session::logits`] are the last token's.
     pub fn eval(&mut self, tokens: &[u32]) -> Result<(), EngineError> {
+        self.run(tokens)?;
+        self.model.backend.download(&self.state.logits, &mut self.logits)?;
+        self.has_logits = true;
+        Ok(())
+    }
+
+    /// [`Session::eval`], with the logits also stored into `out` (little-endian `f32`s, an actor's
+    /// memory). Where the backend shares that memory with its device, the device writes them
+    /// there itself (CUDA: a kernel stores into the registered pages) and the session reads its
+    /// copy back from `out`; otherwise they are downloaded and copied into `out`. Returns whether
+    /// the device wrote them.
+    pub fn eval_into(&mut self, tokens: &[u32], out: &mut [u8]) -> Result<bool, EngineError> {
+        let vocab = self.logits.len();
+        assert!(out.len() >= vocab * 4 && (out.as_ptr() as usize).is_multiple_of(4), "eval_into: {} bytes for {vocab} logits", out.len());
+        self.run(tokens)?;
+        // SAFETY: `out` is an exclusively borrowed, 4-byte aligned slice of at least `vocab` f32s.
+        let direct = unsafe { self.model.backend.write_shared(&self.state.logits, out.as_mut_ptr().cast(), vocab) }?;
+        if direct {
+            for (v, c) in self.logits.iter_mut().zip(out.chunks_exact(4)) {
+                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        } else {
+            self.model.backend.download(&self.state.logits, &mut self.logits)?;
+            for (c, v) in out.chunks_exact_mut(4).zip(&self.logits) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        self.has_logits = true;
+        Ok(direct)
+    }
+
+    /// Runs `tokens` through the model (logits left on the backend).
+    fn run(&mut self, tokens: &[u32]) -> Result<(), EngineError> {
         if tokens.is_empty() {
             return Ok(());
         }
@@ -100,10 +133,7 @@ impl Session {
                 self.tokens.extend_from_slice(chunk);
             }
         });
-        result?;
-        m.backend.download(&self.state.logits, &mut self.logits)?;
-        self.has_logits = true;
-        Ok(())
+        Ok(result?)
     }
 
     /// The logits after the last eval (empty before any).

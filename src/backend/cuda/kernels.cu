@@ -65,6 +65,46 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+__device__ __forceinline__ int warp_sum_i(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float round_f16(float v) { return h2f(f2h(v)); }
+
+// Round to nearest even bf16, as the CPU engine rounds activations for BF16 weights.
+__device__ __forceinline__ float round_bf16(float v) {
+#if __CUDA_ARCH__ >= 800
+    u16 b;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(v));
+    return bf2f(b);
+#else
+    u32 u = __float_as_uint(v);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __uint_as_float(u & 0xffff0000u);
+#endif
+}
+
+// Programmatic dependent launch (Hopper). The host launches every kernel as allowed to start
+// before the previous one finishes; each kernel calls `pdl_wait` before it touches memory an
+// earlier kernel writes (and every kernel calls it, so completion stays transitive), and
+// `pdl_launch` to let the next kernel's blocks be scheduled. Before the wait a kernel may only
+// read what no kernel writes: the weights. On older GPUs (or plain launches) both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // Scale and min of sub-block j of a Q4_K/Q5_K block (ggml's get_scale_min_k4).
 __device__ __forceinline__ void scale_min_k4(int j, const u8* q, float* sc, float* m) {
     if (j < 4) {
@@ -126,6 +166,8 @@ __device__ float dequant_one(int dt, const u8* row, int i) {
 
 // out[t][i] = table[tokens[t]][i] for the pass's tokens. Grid: (column blocks, tokens).
 extern "C" __global__ void embed(const u8* table, int dt, i64 row_bytes, int cols, const Step* step, float* out) {
+    pdl_wait();
+    pdl_launch();
     int t = blockIdx.y;
     const u8* row = table + (i64)step->tokens[t] * row_bytes;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) out[(i64)t * cols + i] = dequant_one(dt, row, i);
@@ -133,12 +175,121 @@ extern "C" __global__ void embed(const u8* table, int dt, i64 row_bytes, int col
 
 // out[r][c] = W[r][c] as f32, for rows [row0, row0 + rows). Grid-stride over elements.
 extern "C" __global__ void dequant_rows(const u8* w, int dt, i64 row_bytes, int cols, i64 row0, i64 rows, float* out) {
+    pdl_wait();
+    pdl_launch();
     i64 total = rows * cols;
     for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
         i64 r = e / cols;
         int c = (int)(e % cols);
         out[e] = dequant_one(dt, w + (row0 + r) * row_bytes, c);
     }
+}
+
+// ---- activations as the CPU engine rounds them ----
+//
+// The CPU engine multiplies each weight format with activations rounded the way ggml rounds them
+// (its `vec_dot_type`): f16/bf16 values for F16/BF16 weights, 8-bit blocks of 32 (Q8_0/Q8_1) for
+// Q4_0/Q4_1/Q8_0, 8-bit super-blocks of 256 (Q8_K) for K-quants. The GPU rounds the same way, so
+// both devices compute the same function up to the order of float additions: Q4_0/Q4_1/Q8_0 rows
+// take the 8-bit quants in integer dot products (dp4a), as ggml does; K-quant rows and the
+// prefill's cuBLAS products take the rounded blocks as f32 values d * q.
+#define AK_F32 0
+#define AK_F16 1
+#define AK_BF16 2
+#define AK_Q8 3
+#define AK_Q8K 4
+
+__host__ __device__ constexpr int act_kind(int dt) { return dt <= DT_BF16 ? dt : dt <= DT_Q4_1 ? AK_Q8 : AK_Q8K; }
+
+// 1 / rms(x) * ... : the RMS-norm scale of one token's row (1 without `norm_w`), computed by the
+// whole block, every thread getting it.
+__device__ float row_scale(const float* __restrict__ x, int cols, const float* __restrict__ norm_w, float eps) {
+    if (norm_w == nullptr) return 1.0f;
+    __shared__ float part[32];
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) ss += x[i] * x[i];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[warp] = ss;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < warps; w++) total += part[w];
+    return 1.0f / sqrtf(total / (float)cols + eps);
+}
+
+// Values a warp prepares at once: a Q8_K super-block for K-quants, else 32 (a Q8 block).
+__host__ __device__ constexpr int unit_values(int ak) { return ak == AK_Q8K ? 256 : 32; }
+
+// Prepares unit `u` of one token's activations (one warp): x (times `scale * norm_w` with a norm)
+// rounded for activation kind `ak` into y; for AK_Q8 also the quants q8 and per block (d, s):
+// d = f16(amax / 127) and s = f16(d' * sum(q)) with the unrounded d' (ggml's Q8_1), when q8 is
+// not null.
+__device__ void prep_unit(const float* __restrict__ x, int cols, float scale, const float* __restrict__ norm_w, int ak, int u, int lane, float* y, i8* q8,
+                          float2* ds) {
+    if (ak == AK_Q8) {
+        // One value per lane: ggml's quantize_row_q8_1.
+        const int i = 32 * u + lane;
+        const float v = norm_w != nullptr ? x[i] * scale * norm_w[i] : x[i];
+        const float amax = warp_max(fabsf(v));
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        const int q = __float2int_rn(v * id);
+        const float d = amax / 127.0f, d16 = round_f16(d);
+        y[i] = d16 * (float)q;
+        if (q8 != nullptr) {
+            const int sum = warp_sum_i(q);
+            q8[i] = (i8)q;
+            if (lane == 0) ds[u] = make_float2(d16, round_f16(d * (float)sum));
+        }
+    } else if (ak == AK_Q8K) {
+        // Eight values per lane: ggml's quantize_row_q8_K_ref (the scale comes from the value of
+        // largest magnitude, the first one on ties).
+        float v[8], amax = 0.0f, big = 0.0f;
+        int at = 1 << 30;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int i = 256 * u + lane + 32 * j;
+            v[j] = norm_w != nullptr ? x[i] * scale * norm_w[i] : x[i];
+            if (fabsf(v[j]) > amax) {
+                amax = fabsf(v[j]);
+                big = v[j];
+                at = lane + 32 * j;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float a2 = __shfl_xor_sync(0xffffffffu, amax, o), b2 = __shfl_xor_sync(0xffffffffu, big, o);
+            const int at2 = __shfl_xor_sync(0xffffffffu, at, o);
+            if (a2 > amax || (a2 == amax && at2 < at)) {
+                amax = a2;
+                big = b2;
+                at = at2;
+            }
+        }
+        const float iscale = amax != 0.0f ? -127.0f / big : 0.0f;
+        const float d = amax != 0.0f ? 1.0f / iscale : 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) y[256 * u + lane + 32 * j] = d * (float)min(__float2int_rn(iscale * v[j]), 127);
+    } else {
+        const int i = 32 * u + lane;
+        if (i < cols) {
+            const float v = norm_w != nullptr ? x[i] * scale * norm_w[i] : x[i];
+            y[i] = ak == AK_F16 ? round_f16(v) : ak == AK_BF16 ? round_bf16(v) : v;
+        }
+    }
+}
+
+// Activations prepared once for every block of the products that read them, in global memory:
+// grid (units / 8, tokens), one unit per warp. y: [tokens][cols]; q8: [tokens][cols] and
+// ds: [tokens][cols / 32] for AK_Q8 (may be null).
+extern "C" __global__ void act_prep(const float* x, const float* norm_w, float eps, int cols, int ak, float* y, i8* q8, float2* ds) {
+    pdl_wait();
+    pdl_launch();
+    const i64 t = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const float scale = row_scale(x + t * cols, cols, norm_w, eps);
+    const int u = blockIdx.x * warps + warp, units = (cols + unit_values(ak) - 1) / unit_values(ak);
+    if (u >= units) return;
+    prep_unit(x + t * cols, cols, scale, norm_w, ak, u, lane, y + t * cols, q8 != nullptr ? q8 + t * cols : nullptr, ds != nullptr ? ds + t * (cols / 32) : nullptr);
 }
 
 // ---- matrix-vector products: one warp per output row, one lane per 32-value group ----
@@ -268,8 +419,16 @@ __device__ __forceinline__ float dot_group(const u8* row, int g, const float* __
 // (the host checks cols and falls back to matvec_any otherwise). NR rows at once share the
 // activation loads and keep more weight loads in flight. A row may be split across S warps
 // ("k-slices"): warp `ks` takes every S-th step.
+template <int DT>
+__device__ __forceinline__ float4 round4(float4 a) {
+    if (DT == DT_F16) return make_float4(round_f16(a.x), round_f16(a.y), round_f16(a.z), round_f16(a.w));
+    if (DT == DT_BF16) return make_float4(round_bf16(a.x), round_bf16(a.y), round_bf16(a.z), round_bf16(a.w));
+    return a;
+}
+
+// `rx`: x is raw and each value is rounded for DT here (staged or act_prep'd x is already rounded).
 template <int DT, int NR>
-__device__ __forceinline__ void dot_dense(const u8* const* rows, int cols, const float* __restrict__ x, int lane, int ks, int S, float* acc) {
+__device__ __forceinline__ void dot_dense(const u8* const* rows, int cols, const float* __restrict__ x, bool rx, int lane, int ks, int S, float* acc) {
     if (DT == DT_F32) {
 #pragma unroll 4
         for (int c = (ks * 32 + lane) * 4; c + 4 <= cols; c += 128 * S) {
@@ -291,27 +450,41 @@ __device__ __forceinline__ void dot_dense(const u8* const* rows, int cols, const
 #pragma unroll
             for (int r = 0; r < NR; r++) w[r] = *(const uint4*)(rows[r] + 2 * c);
             float4 a = *(const float4*)(x + c), b = *(const float4*)(x + c + 4);
+            if (rx) {
+                a = round4<DT>(a);
+                b = round4<DT>(b);
+            }
 #pragma unroll
             for (int r = 0; r < NR; r++) acc[r] += DT == DT_F16 ? dot8_h(w[r], a, b) : dot8_bf(w[r], a, b);
         }
         if (ks == 0)
-            for (int i = (cols / 8) * 8 + lane; i < cols; i += 32)
+            for (int i = (cols / 8) * 8 + lane; i < cols; i += 32) {
+                const float xi = rx ? round4<DT>(make_float4(x[i], 0.0f, 0.0f, 0.0f)).x : x[i];
 #pragma unroll
-                for (int r = 0; r < NR; r++) acc[r] += dequant_one(DT, rows[r], i) * x[i];
+                for (int r = 0; r < NR; r++) acc[r] += dequant_one(DT, rows[r], i) * xi;
+            }
     }
 }
 
-// One 32-value block's share for lane `sub` of its four lanes (Q4_0, Q4_1, Q8_0).
+__device__ __forceinline__ int dp4a(int a, int b, int c) {
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// One 32-value block's share for lane `sub` of its four lanes (Q4_0, Q4_1, Q8_0), on the 8-bit
+// activations act_prep made: integer dot products (dp4a) scaled by d_w * d_x, as ggml's
+// vec_dot_q4_0_q8_0 and friends compute them.
 template <int DT>
-__device__ __forceinline__ float dot_q_part(const u8* row, int b, int sub, const float* __restrict__ xb) {
+__device__ __forceinline__ float dot_q_part(const u8* row, int b, int sub, const int* __restrict__ xq, const float2* __restrict__ ds) {
+    const float2 dx = ds[b];
     if (DT == DT_Q8_0) {
+        // Values 8sub..8sub+7: two words of weights (2-byte aligned blocks) and of activations.
         const u8* blk = row + 34 * b;
         const u16* q = (const u16*)(blk + 2 + 8 * sub);
-        float4 a = *(const float4*)(xb + 8 * sub), c = *(const float4*)(xb + 8 * sub + 4);
-        u16 q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
-        float s = (float)(i8)(q0 & 0xff) * a.x + (float)(i8)(q0 >> 8) * a.y + (float)(i8)(q1 & 0xff) * a.z + (float)(i8)(q1 >> 8) * a.w +
-                  (float)(i8)(q2 & 0xff) * c.x + (float)(i8)(q2 >> 8) * c.y + (float)(i8)(q3 & 0xff) * c.z + (float)(i8)(q3 >> 8) * c.w;
-        return ld_h(blk) * s;
+        const int w0 = (int)((u32)q[0] | ((u32)q[1] << 16)), w1 = (int)((u32)q[2] | ((u32)q[3] << 16));
+        const int sum = dp4a(w0, xq[8 * b + 2 * sub], dp4a(w1, xq[8 * b + 2 * sub + 1], 0));
+        return ld_h(blk) * dx.x * (float)sum;
     } else {
         // Bytes 4sub..4sub+3 of the block's 16: low nibbles are values 4sub.., high ones 16+4sub..
         const bool one = DT == DT_Q4_1;
@@ -323,13 +496,16 @@ __device__ __forceinline__ float dot_q_part(const u8* row, int b, int sub, const
             const u16* q = (const u16*)(blk + 2 + 4 * sub);
             v = (u32)q[0] | ((u32)q[1] << 16);
         }
-        float4 xl = *(const float4*)(xb + 4 * sub), xh = *(const float4*)(xb + 16 + 4 * sub);
-        const float o = one ? 0.0f : 8.0f;
-        float s = ((float)(v & 0xF) - o) * xl.x + ((float)((v >> 8) & 0xF) - o) * xl.y + ((float)((v >> 16) & 0xF) - o) * xl.z +
-                  ((float)((v >> 24) & 0xF) - o) * xl.w + ((float)((v >> 4) & 0xF) - o) * xh.x + ((float)((v >> 12) & 0xF) - o) * xh.y +
-                  ((float)((v >> 20) & 0xF) - o) * xh.z + ((float)(v >> 28) - o) * xh.w;
-        float r = ld_h(blk) * s;
-        if (one) r += ld_h(blk + 2) * (xl.x + xl.y + xl.z + xl.w + xh.x + xh.y + xh.z + xh.w);
+        u32 lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
+        if (!one) {
+            // q - 8 in each byte, as signed bytes: (q + 0x78) ^ 0x80 (no carries: q <= 15).
+            lo = (lo + 0x78787878u) ^ 0x80808080u;
+            hi = (hi + 0x78787878u) ^ 0x80808080u;
+        }
+        const int sum = dp4a((int)lo, xq[8 * b + sub], dp4a((int)hi, xq[8 * b + 4 + sub], 0));
+        float r = ld_h(blk) * dx.x * (float)sum;
+        // The min term m * sum(x) takes the activation block's stored sum, as ggml's does.
+        if (one && sub == 0) r += ld_h(blk + 2) * dx.y;
         return r;
     }
 }
@@ -337,11 +513,12 @@ __device__ __forceinline__ float dot_q_part(const u8* row, int b, int sub, const
 // One lane's share of the dot products of NR rows with x over k-slice `ks` of `S` (summed over
 // the warp, then over the slices, by the caller).
 template <int DT, int NR>
-__device__ __forceinline__ void row_dots(const u8* const* rows, int cols, const float* __restrict__ x, int lane, int ks, int S, float* acc) {
+__device__ __forceinline__ void row_dots(const u8* const* rows, int cols, const float* __restrict__ x, const i8* __restrict__ xq, const float2* __restrict__ ds,
+                                         bool rx, int lane, int ks, int S, float* acc) {
 #pragma unroll
     for (int r = 0; r < NR; r++) acc[r] = 0.0f;
     if (DT == DT_F32 || DT == DT_F16 || DT == DT_BF16) {
-        dot_dense<DT, NR>(rows, cols, x, lane, ks, S, acc);
+        dot_dense<DT, NR>(rows, cols, x, rx, lane, ks, S, acc);
     } else if (DT == DT_Q4_0 || DT == DT_Q4_1 || DT == DT_Q8_0) {
         // Four lanes per 32-value block, eight blocks per warp step: neighbouring lanes read
         // neighbouring bytes and activations.
@@ -349,7 +526,7 @@ __device__ __forceinline__ void row_dots(const u8* const* rows, int cols, const 
 #pragma unroll 4
         for (int b = ks * 8 + (lane >> 2); b < blocks; b += 8 * S)
 #pragma unroll
-            for (int r = 0; r < NR; r++) acc[r] += dot_q_part<DT>(rows[r], b, sub, x + 32 * b);
+            for (int r = 0; r < NR; r++) acc[r] += dot_q_part<DT>(rows[r], b, sub, (const int*)xq, ds);
     } else {
         // K-quants: one lane per 32-value group.
         for (int g = ks * 32 + lane; g < cols / 32; g += 32 * S)
@@ -386,20 +563,41 @@ struct Seg {
     int rows;
 };
 
-// With `norm_w`, the block first computes x / rms(x) * norm_w into shared memory (the RMS norm
-// that precedes every projection of a layer, fused: no separate launch, no round trip of xn).
-__device__ const float* prenorm(const float* __restrict__ x, int cols, const float* norm_w, float eps, float* xs) {
-    if (norm_w == nullptr) return x;
-    __shared__ float part[32];
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) ss += x[i] * x[i];
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < (int)(blockDim.x >> 5); w++) total += part[w];
-    float scale = 1.0f / sqrtf(total / (float)cols + eps);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[i] = x[i] * scale * norm_w[i];
+// Bytes one warp reads from each of its rows per step of row_dots' loop.
+template <int DT>
+__device__ constexpr int warp_step_bytes() {
+    return DT <= DT_BF16 ? 512 : DT == DT_Q8_0 ? 8 * 34 : DT == DT_Q4_0 ? 8 * 18 : DT == DT_Q4_1 ? 8 * 20 : DT == DT_Q6_K ? 4 * 210 : DT == DT_Q5_K ? 4 * 176 : 4 * 144;
+}
+
+#define PREFETCH_STEPS 4
+
+// Warms L2 with the first steps of this warp's rows. Weights are the one input no kernel writes,
+// so this runs before pdl_wait, while the previous kernel is still finishing.
+template <int DT, int NR>
+__device__ __forceinline__ void prefetch_rows(const u8* const* rows, i64 row_bytes, int lane, int ks, int S) {
+    const int wb = warp_step_bytes<DT>();
+    if (lane * 128 >= wb) return;
+#pragma unroll
+    for (int r = 0; r < NR; r++)
+#pragma unroll
+        for (int i = 0; i < PREFETCH_STEPS; i++) {
+            const i64 off = (i64)(ks + i * S) * wb + lane * 128;
+            if (off < row_bytes) prefetch_l2(rows[r] + off);
+        }
+}
+
+// The input side of a one-token product of F32/F16/BF16 weights. With `prep`, the block stages x
+// in shared memory the way the CPU engine sees it: RMS-normalized with `norm_w` when given (the
+// norm that precedes every projection of a layer, fused: no separate launch, no round trip), then
+// rounded for DT. Without it x is read from global memory: prepared by act_prep, or raw, when
+// row_dots rounds each value as it reads it. (Quantized formats always read act_prep's output.)
+template <int DT>
+__device__ __forceinline__ const float* stage_input(const float* x, int cols, const float* norm_w, float eps, int prep) {
+    extern __shared__ float xs[];
+    if (!prep) return x;
+    const int ak = act_kind(DT), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const float scale = row_scale(x, cols, norm_w, eps);
+    for (int u = warp; u < (cols + unit_values(ak) - 1) / unit_values(ak); u += warps) prep_unit(x, cols, scale, norm_w, ak, u, lane, xs, nullptr, nullptr);
     __syncthreads();
     return xs;
 }
@@ -419,9 +617,7 @@ struct RopeStore {
 
 template <int DT>
 __device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add, const float* norm_w, float eps, int S,
-                       RopeStore rs) {
-    extern __shared__ float xs[];
-    x = prenorm(x, cols, norm_w, eps, xs);
+                       RopeStore rs, int prep, const i8* xq, const float2* ds) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     Seg s = s0;
     int seg = 0, r = 2 * (blockIdx.x * (8 / S) + warp / S);
@@ -438,8 +634,12 @@ __device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const fl
     const bool valid = r < s.rows;  // no early return: reduce_slices synchronizes the block
     const int rr = valid ? r : 0;
     const u8* rows[2] = {s.w + (i64)rr * row_bytes, s.w + (i64)(rr + 1) * row_bytes};
+    if (valid) prefetch_rows<DT, 2>(rows, row_bytes, lane, warp % S, S);
+    pdl_wait();
+    pdl_launch();
+    x = stage_input<DT>(x, cols, norm_w, eps, prep);
     float acc[2] = {0.0f, 0.0f};
-    if (valid) row_dots<DT, 2>(rows, cols, x, lane, warp % S, S, acc);
+    if (valid) row_dots<DT, 2>(rows, cols, x, xq, ds, !prep, lane, warp % S, S, acc);
     if (!reduce_slices<2>(acc, S) || !valid) return;
     if (rs.inv_freq == nullptr) {
         s.y[r] = add ? s.y[r] + acc[0] : acc[0];
@@ -468,27 +668,30 @@ __device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const fl
 // and up rows are read together.
 template <int DT>
 __device__ void ffn_up(const u8* wg, const u8* wu, float* out, int rows, i64 row_bytes, int cols, const float* __restrict__ x, const float* norm_w, float eps,
-                       int S) {
-    extern __shared__ float xs[];
-    x = prenorm(x, cols, norm_w, eps, xs);
+                       int S, int prep, const i8* xq, const float2* ds) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = blockIdx.x * (8 / S) + warp / S;
     const bool valid = r < rows;
     const int rr = valid ? r : 0;
     const u8* both[2] = {wg + (i64)rr * row_bytes, wu + (i64)rr * row_bytes};
+    if (valid) prefetch_rows<DT, 2>(both, row_bytes, lane, warp % S, S);
+    pdl_wait();
+    pdl_launch();
+    x = stage_input<DT>(x, cols, norm_w, eps, prep);
     float acc[2] = {0.0f, 0.0f};
-    if (valid) row_dots<DT, 2>(both, cols, x, lane, warp % S, S, acc);
+    if (valid) row_dots<DT, 2>(both, cols, x, xq, ds, !prep, lane, warp % S, S, acc);
     if (reduce_slices<2>(acc, S) && valid) out[r] = acc[0] / (1.0f + expf(-acc[0])) * acc[1];
 }
 
 #define MATVEC(suffix, DT)                                                                                                                \
     extern "C" __global__ void matvec_##suffix(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add,   \
-                                               const float* norm_w, float eps, int S, RopeStore rs) {                                     \
-        matvec<DT>(s0, s1, s2, row_bytes, cols, x, add, norm_w, eps, S, rs);                                                              \
+                                               const float* norm_w, float eps, int S, RopeStore rs, int prep, const i8* xq,               \
+                                               const float2* ds) {                                                                        \
+        matvec<DT>(s0, s1, s2, row_bytes, cols, x, add, norm_w, eps, S, rs, prep, xq, ds);                                                \
     }                                                                                                                                     \
     extern "C" __global__ void ffn_##suffix(const u8* wg, const u8* wu, float* out, int rows, i64 row_bytes, int cols, const float* x,     \
-                                            const float* norm_w, float eps, int S) {                                                      \
-        ffn_up<DT>(wg, wu, out, rows, row_bytes, cols, x, norm_w, eps, S);                                                                \
+                                            const float* norm_w, float eps, int S, int prep, const i8* xq, const float2* ds) {            \
+        ffn_up<DT>(wg, wu, out, rows, row_bytes, cols, x, norm_w, eps, S, prep, xq, ds);                                                  \
     }
 MATVEC(f32, DT_F32)
 MATVEC(f16, DT_F16)
@@ -502,6 +705,8 @@ MATVEC(q6_k, DT_Q6_K)
 
 // Any format, any width (rows not 16-byte aligned): element by element. Rare; correct, not fast.
 extern "C" __global__ void matvec_any(Seg s0, int dt, i64 row_bytes, int cols, const float* __restrict__ x, int add) {
+    pdl_wait();
+    pdl_launch();
     int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (r >= s0.rows) return;
     const u8* row = s0.w + (i64)r * row_bytes;
@@ -515,6 +720,8 @@ extern "C" __global__ void matvec_any(Seg s0, int dt, i64 row_bytes, int cols, c
 
 // out[r] = x[r] / rms(x[r]) * w. One block per row.
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int dim, float eps) {
+    pdl_wait();
+    pdl_launch();
     __shared__ float part[32];
     const float* xr = x + (i64)blockIdx.x * dim;
     float ss = 0.0f;
@@ -536,6 +743,8 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 // Rotary embedding in place on [n tokens][heads][head_dim] at positions step->pos0 + t.
 // `half_split`: pairs (i, i + d/2) (Hugging Face); otherwise (2i, 2i + 1) (GGUF).
 extern "C" __global__ void rope(float* x, const float* inv_freq, int n, int heads, int head_dim, int half_split, const Step* step) {
+    pdl_wait();
+    pdl_launch();
     int half = head_dim / 2;
     int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n * heads * half) return;
@@ -553,6 +762,8 @@ extern "C" __global__ void rope(float* x, const float* inv_freq, int n, int head
 // k into the f16 cache and copies v there, at positions step->pos0 + t.
 extern "C" __global__ void rope_store(float* q, const float* k, const float* v, u16* kc, u16* vc, const float* inv_freq, int n, int n_heads,
                                       int n_kv_heads, int head_dim, int half_split, const Step* step) {
+    pdl_wait();
+    pdl_launch();
     const int half = head_dim / 2, kv_dim = n_kv_heads * head_dim;
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     const int q_pairs = n * n_heads * half, k_pairs = n * n_kv_heads * half;
@@ -580,14 +791,26 @@ extern "C" __global__ void rope_store(float* q, const float* k, const float* v, 
 
 // gate[i] = silu(gate[i]) * up[i]
 extern "C" __global__ void silu_mul(float* gate, const float* up, i64 n) {
+    pdl_wait();
+    pdl_launch();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         float g = gate[i];
         gate[i] = g / (1.0f + expf(-g)) * up[i];
     }
 }
 
+// dst[i] = src[i]: device results written straight into host-registered memory (an actor's
+// linear memory), which kernels may address across registrations where cuMemcpy may not.
+extern "C" __global__ void copy_f32(const float* src, float* dst, i64 n) {
+    pdl_wait();
+    pdl_launch();
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) dst[i] = src[i];
+}
+
 // x[i] += y[i]
 extern "C" __global__ void add(float* x, const float* y, i64 n) {
+    pdl_wait();
+    pdl_launch();
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) x[i] += y[i];
 }
 
@@ -595,6 +818,8 @@ extern "C" __global__ void add(float* x, const float* y, i64 n) {
 
 // Writes the pass's K and V rows ([n][kv_dim] f32) into the cache at positions step->pos0 + t.
 extern "C" __global__ void kv_store(const float* k, const float* v, u16* kc, u16* vc, int n, int kv_dim, const Step* step) {
+    pdl_wait();
+    pdl_launch();
     i64 total = (i64)n * kv_dim;
     i64 base = (i64)step->pos0 * kv_dim;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
@@ -611,6 +836,8 @@ extern "C" __global__ void kv_store(const float* k, const float* v, u16* kc, u16
 // merge. Writes the split's running max, sum and unnormalized output.
 extern "C" __global__ void attn_partial(const float* q, const u16* kc, const u16* vc, float* part, int n_heads, int n_kv_heads, int head_dim, int chunk,
                                         float scale, const Step* step) {
+    pdl_wait();
+    pdl_launch();
     const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int per = head_dim / 32;  // values per lane
@@ -676,6 +903,8 @@ extern "C" __global__ void attn_partial(const float* q, const u16* kc, const u16
 // every 8th position with lanes owning dimensions, and the warps merge.
 extern "C" __global__ void attn_small(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads, int head_dim, float scale,
                                       const Step* step) {
+    pdl_wait();
+    pdl_launch();
     __shared__ float qs[256];
     __shared__ float sc[1024];
     __shared__ float red[32];
@@ -745,6 +974,8 @@ extern "C" __global__ void attn_small(const float* q, const u16* kc, const u16* 
 
 // Second half: merges the splits of (head, token) into out[t][h][:]. Block: head_dim threads.
 extern "C" __global__ void attn_combine(const float* part, float* out, int n_heads, int head_dim, int splits) {
+    pdl_wait();
+    pdl_launch();
     const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
     const float* p = part + ((i64)t * n_heads + h) * splits * (head_dim + 2);
     float big = -INFINITY;
