@@ -2,6 +2,7 @@
 
 mod bench;
 mod control;
+mod convert;
 mod model;
 mod run;
 mod snapshot;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use driftwood::actor::ActorError;
+use driftwood::engine::dtype::DType;
 
 /// Driftwood runs stateful WebAssembly actors that drive LLM inference.
 ///
@@ -34,6 +36,7 @@ pub enum Command {
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     Synth(synth::SynthArgs),
+    Convert(convert::ConvertArgs),
 }
 
 impl Command {
@@ -45,6 +48,7 @@ impl Command {
             Command::Snapshot(args) => args.execute(),
             Command::Bench(cmd) => cmd.execute(),
             Command::Synth(args) => args.execute(),
+            Command::Convert(args) => args.execute(),
         }
     }
 }
@@ -64,6 +68,11 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 /// Writing to a closed stdout (e.g. `driftwood … | head`) is not an error.
 pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// Parses a weight format as `--dtype` takes it (`q4_k`, `Q8_0`, `bf16`, `fp16`, ...).
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    DType::parse(s).ok_or_else(|| format!("unknown weight format '{s}', expected one of f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k"))
 }
 
 /// Parses sizes like `4GiB`, `512MiB`, `64k`, `1048576`.

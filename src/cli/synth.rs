@@ -31,7 +31,7 @@ pub struct SynthArgs {
     pub shape: String,
     /// Format of every weight matrix: f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k or q6_k (norms
     /// stay f32). K-quants need widths that are multiples of 256, which smollm2-135m's are not
-    #[arg(long, value_name = "FORMAT", value_parser = parse_dtype)]
+    #[arg(long, value_name = "FORMAT", value_parser = super::parse_dtype)]
     pub dtype: DType,
     /// Seed of the random weights
     #[arg(long, default_value_t = 0)]
@@ -42,10 +42,6 @@ pub struct SynthArgs {
     /// The .gguf file to write (replaced if it exists; written under a temporary name first)
     #[arg(short, long, value_name = "PATH")]
     pub output: PathBuf,
-}
-
-fn parse_dtype(s: &str) -> Result<DType, String> {
-    DType::parse(s).ok_or_else(|| format!("unknown weight format '{s}', expected one of f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k"))
 }
 
 impl SynthArgs {

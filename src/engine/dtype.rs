@@ -62,6 +62,22 @@ impl DType {
         }
     }
 
+    /// llama.cpp's `general.file_type` (`enum llama_ftype`) for a model whose matrices are
+    /// mostly this type (`LLAMA_FTYPE_MOSTLY_Q4_K_M` for Q4_K, `…_Q5_K_M` for Q5_K).
+    pub fn llama_file_type(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Q4_0 => 2,
+            DType::Q4_1 => 3,
+            DType::Q8_0 => 7,
+            DType::Q4_K => 15,
+            DType::Q5_K => 17,
+            DType::Q6_K => 18,
+            DType::BF16 => 32,
+        }
+    }
+
     /// Elements per block (1 for plain floats).
     pub fn block_elems(self) -> usize {
         match self {

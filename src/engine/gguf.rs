@@ -757,6 +757,14 @@ impl<'a> GgufWriter<'a> {
         self
     }
 
+    /// The temporary sibling [`write`](Self::write) fills before renaming it onto `path`
+    /// (`path` + `.tmp`); it is replaced if it exists.
+    pub fn temp_path(path: &Path) -> PathBuf {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".tmp");
+        path.with_file_name(name)
+    }
+
     /// Writes the file to a temporary sibling, syncs it and renames it over `path`, so a failure
     /// never leaves a partial file under the final name.
     pub fn write(&self, path: &Path) -> Result<(), GgufError> {
@@ -790,9 +798,7 @@ impl<'a> GgufWriter<'a> {
             next = align_up(next + need, alignment).ok_or_else(|| invalid("tensor data exceeds u64".to_string()))?;
         }
 
-        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(".tmp");
-        let tmp = path.with_file_name(tmp_name);
+        let tmp = Self::temp_path(path);
         let io = |op: &'static str| {
             let p = tmp.clone();
             move |err: std::io::Error| GgufError::Io { path: p, op, err }

@@ -1,7 +1,8 @@
-//! The model side: formats (GGUF, safetensors), tokenizer, the Llama forward pass, sampling,
-//! synthesized random-weight models for speed work, and [`Session`], one actor's conversation
-//! state (KV cache, token history, sampler).
+//! The model side: formats (GGUF, safetensors, re-encoding between weight formats), tokenizer,
+//! the Llama forward pass, sampling, synthesized random-weight models for speed work, and
+//! [`Session`], one actor's conversation state (KV cache, token history, sampler).
 
+pub mod convert;
 pub mod dtype;
 pub mod gguf;
 pub mod load;

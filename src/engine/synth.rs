@@ -239,21 +239,6 @@ pub struct SynthReport {
     pub file_bytes: u64,
 }
 
-/// llama.cpp's `general.file_type` (`enum llama_ftype`) for a model whose matrices are `dtype`.
-fn llama_file_type(dtype: DType) -> u32 {
-    match dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::Q4_0 => 2,
-        DType::Q4_1 => 3,
-        DType::Q8_0 => 7,
-        DType::Q4_K => 15,
-        DType::Q5_K => 17,
-        DType::Q6_K => 18,
-        DType::BF16 => 32,
-    }
-}
-
 /// GPT-2's byte-to-unicode table: token `b` spells byte `b`. Printable bytes stand for
 /// themselves; the other 68 map to U+0100.. in byte order.
 fn byte_tokens() -> impl Iterator<Item = String> {
@@ -275,7 +260,7 @@ fn add_metadata(w: &mut GgufWriter<'_>, shape: &SynthShape, dtype: DType) {
     w.add_meta("general.architecture", MetaValue::String("llama".into()))
         .add_meta("general.type", MetaValue::String("model".into()))
         .add_meta("general.name", MetaValue::String(format!("synthetic {}", shape.name)))
-        .add_meta("general.file_type", MetaValue::U32(llama_file_type(dtype)))
+        .add_meta("general.file_type", MetaValue::U32(dtype.llama_file_type()))
         .add_meta("general.quantization_version", MetaValue::U32(2))
         .add_meta("llama.block_count", u32m(shape.n_layers))
         .add_meta("llama.context_length", u32m(shape.context_length))

@@ -6,6 +6,7 @@
 mod abi;
 mod actors;
 mod common;
+mod convert;
 mod formats;
 mod model;
 mod runtime;

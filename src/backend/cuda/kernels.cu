@@ -220,60 +220,92 @@ __device__ float row_scale(const float* __restrict__ x, int cols, const float* _
 // Values a warp prepares at once: a Q8_K super-block for K-quants, else 32 (a Q8 block).
 __host__ __device__ constexpr int unit_values(int ak) { return ak == AK_Q8K ? 256 : 32; }
 
-// Prepares unit `u` of one token's activations (one warp): x (times `scale * norm_w` with a norm)
-// rounded for activation kind `ak` into y; for AK_Q8 also the quants q8 and per block (d, s):
-// d = f16(amax / 127) and s = f16(d' * sum(q)) with the unrounded d' (ggml's Q8_1), when q8 is
-// not null.
-__device__ void prep_unit(const float* __restrict__ x, int cols, float scale, const float* __restrict__ norm_w, int ak, int u, int lane, float* y, i8* q8,
-                          float2* ds) {
-    if (ak == AK_Q8) {
-        // One value per lane: ggml's quantize_row_q8_1.
-        const int i = 32 * u + lane;
-        const float v = norm_w != nullptr ? x[i] * scale * norm_w[i] : x[i];
-        const float amax = warp_max(fabsf(v));
-        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-        const int q = __float2int_rn(v * id);
-        const float d = amax / 127.0f, d16 = round_f16(d);
-        y[i] = d16 * (float)q;
-        if (q8 != nullptr) {
-            const int sum = warp_sum_i(q);
-            q8[i] = (i8)q;
-            if (lane == 0) ds[u] = make_float2(d16, round_f16(d * (float)sum));
-        }
-    } else if (ak == AK_Q8K) {
-        // Eight values per lane: ggml's quantize_row_q8_K_ref (the scale comes from the value of
-        // largest magnitude, the first one on ties).
-        float v[8], amax = 0.0f, big = 0.0f;
-        int at = 1 << 30;
+// Prepares units first, first + step, ... (< units) of one token's activations, one warp per
+// unit: x (times `scale * norm_w` with a norm) rounded for activation kind `ak` into y (if not
+// null); for AK_Q8 also the quants q8 and per block (d, s): d = f16(amax / 127) and
+// s = f16(d' * sum(q)) with the unrounded d' (ggml's quantize_row_q8_1). A warp takes B units at
+// once, so their loads and shuffle reductions overlap instead of queueing (B = 8 where a warp has
+// several, 1 where it has one).
+template <int B>
+__device__ void prep_units(const float* __restrict__ x, int cols, float scale, const float* __restrict__ norm_w, int ak, float* y, i8* q8, float2* ds,
+                           int first, int step, int units) {
+    const int lane = threadIdx.x & 31;
+    if (ak == AK_Q8K) {
+        // One super-block of 256 per warp, eight values per lane: ggml's quantize_row_q8_K_ref
+        // (the scale comes from the value of largest magnitude, the first one on ties).
+        for (int u = first; u < units; u += step) {
+            float v[8], amax = 0.0f, big = 0.0f;
+            int at = 1 << 30;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int i = 256 * u + lane + 32 * j;
-            v[j] = norm_w != nullptr ? x[i] * scale * norm_w[i] : x[i];
-            if (fabsf(v[j]) > amax) {
-                amax = fabsf(v[j]);
-                big = v[j];
-                at = lane + 32 * j;
+            for (int j = 0; j < 8; j++) {
+                const int i = 256 * u + lane + 32 * j;
+                v[j] = norm_w != nullptr ? x[i] * scale * norm_w[i] : x[i];
+                if (fabsf(v[j]) > amax) {
+                    amax = fabsf(v[j]);
+                    big = v[j];
+                    at = lane + 32 * j;
+                }
             }
-        }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float a2 = __shfl_xor_sync(0xffffffffu, amax, o), b2 = __shfl_xor_sync(0xffffffffu, big, o);
-            const int at2 = __shfl_xor_sync(0xffffffffu, at, o);
-            if (a2 > amax || (a2 == amax && at2 < at)) {
-                amax = a2;
-                big = b2;
-                at = at2;
+            for (int o = 16; o > 0; o >>= 1) {
+                const float a2 = __shfl_xor_sync(0xffffffffu, amax, o), b2 = __shfl_xor_sync(0xffffffffu, big, o);
+                const int at2 = __shfl_xor_sync(0xffffffffu, at, o);
+                if (a2 > amax || (a2 == amax && at2 < at)) {
+                    amax = a2;
+                    big = b2;
+                    at = at2;
+                }
             }
-        }
-        const float iscale = amax != 0.0f ? -127.0f / big : 0.0f;
-        const float d = amax != 0.0f ? 1.0f / iscale : 0.0f;
+            const float iscale = amax != 0.0f ? -127.0f / big : 0.0f;
+            const float d = amax != 0.0f ? 1.0f / iscale : 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; j++) y[256 * u + lane + 32 * j] = d * (float)min(__float2int_rn(iscale * v[j]), 127);
-    } else {
-        const int i = 32 * u + lane;
-        if (i < cols) {
-            const float v = norm_w != nullptr ? x[i] * scale * norm_w[i] : x[i];
-            y[i] = ak == AK_F16 ? round_f16(v) : ak == AK_BF16 ? round_bf16(v) : v;
+            for (int j = 0; j < 8; j++) y[256 * u + lane + 32 * j] = d * (float)min(__float2int_rn(iscale * v[j]), 127);
+        }
+        return;
+    }
+    for (int u0 = first; u0 < units; u0 += B * step) {
+        float v[B];
+#pragma unroll
+        for (int k = 0; k < B; k++) {
+            const int u = u0 + k * step, i = 32 * u + lane;
+            v[k] = u < units && i < cols ? (norm_w != nullptr ? x[i] * scale * norm_w[i] : x[i]) : 0.0f;
+        }
+        if (ak != AK_Q8) {
+#pragma unroll
+            for (int k = 0; k < B; k++) {
+                const int u = u0 + k * step, i = 32 * u + lane;
+                if (u < units && i < cols) y[i] = ak == AK_F16 ? round_f16(v[k]) : ak == AK_BF16 ? round_bf16(v[k]) : v[k];
+            }
+            continue;
+        }
+        float amax[B];
+        int q[B], sum[B];
+#pragma unroll
+        for (int k = 0; k < B; k++) amax[k] = fabsf(v[k]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int k = 0; k < B; k++) amax[k] = fmaxf(amax[k], __shfl_xor_sync(0xffffffffu, amax[k], o));
+#pragma unroll
+        for (int k = 0; k < B; k++) {
+            const float id = amax[k] != 0.0f ? 127.0f / amax[k] : 0.0f;
+            q[k] = __float2int_rn(v[k] * id);
+            sum[k] = q[k];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int k = 0; k < B; k++) sum[k] += __shfl_xor_sync(0xffffffffu, sum[k], o);
+#pragma unroll
+        for (int k = 0; k < B; k++) {
+            const int u = u0 + k * step, i = 32 * u + lane;
+            if (u >= units) continue;
+            const float d = amax[k] / 127.0f, d16 = round_f16(d);
+            if (y != nullptr) y[i] = d16 * (float)q[k];
+            if (q8 != nullptr) {
+                q8[i] = (i8)q[k];
+                if (lane == 0) ds[u] = make_float2(d16, round_f16(d * (float)sum[k]));
+            }
         }
     }
 }
@@ -285,11 +317,11 @@ extern "C" __global__ void act_prep(const float* x, const float* norm_w, float e
     pdl_wait();
     pdl_launch();
     const i64 t = blockIdx.y;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const float scale = row_scale(x + t * cols, cols, norm_w, eps);
-    const int u = blockIdx.x * warps + warp, units = (cols + unit_values(ak) - 1) / unit_values(ak);
-    if (u >= units) return;
-    prep_unit(x + t * cols, cols, scale, norm_w, ak, u, lane, y + t * cols, q8 != nullptr ? q8 + t * cols : nullptr, ds != nullptr ? ds + t * (cols / 32) : nullptr);
+    const int units = (cols + unit_values(ak) - 1) / unit_values(ak);
+    prep_units<1>(x + t * cols, cols, scale, norm_w, ak, y + t * cols, q8 != nullptr ? q8 + t * cols : nullptr, ds != nullptr ? ds + t * (cols / 32) : nullptr,
+               blockIdx.x * warps + warp, gridDim.x * warps, units);
 }
 
 // ---- matrix-vector products: one warp per output row, one lane per 32-value group ----
@@ -586,18 +618,29 @@ __device__ __forceinline__ void prefetch_rows(const u8* const* rows, i64 row_byt
         }
 }
 
-// The input side of a one-token product of F32/F16/BF16 weights. With `prep`, the block stages x
-// in shared memory the way the CPU engine sees it: RMS-normalized with `norm_w` when given (the
-// norm that precedes every projection of a layer, fused: no separate launch, no round trip), then
-// rounded for DT. Without it x is read from global memory: prepared by act_prep, or raw, when
-// row_dots rounds each value as it reads it. (Quantized formats always read act_prep's output.)
+// The input side of a one-token product. With `prep`, the block stages x in shared memory the
+// way the CPU engine sees it: RMS-normalized with `norm_w` when given (the norm that precedes
+// every projection of a layer, fused: no separate launch, no round trip), then rounded for DT:
+// f32 values for F32/F16/BF16, 8-bit quants and (d, s) pairs for Q4_0/Q4_1/Q8_0 (xq, ds).
+// Without it x (or xq/ds) is read from global memory: prepared by act_prep, or raw F32/F16/BF16
+// input that row_dots rounds as it reads.
 template <int DT>
-__device__ __forceinline__ const float* stage_input(const float* x, int cols, const float* norm_w, float eps, int prep) {
+__device__ __forceinline__ const float* stage_input(const float* x, int cols, const float* norm_w, float eps, int prep, const i8** xq, const float2** ds) {
     extern __shared__ float xs[];
     if (!prep) return x;
-    const int ak = act_kind(DT), warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int ak = act_kind(DT), warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const float scale = row_scale(x, cols, norm_w, eps);
-    for (int u = warp; u < (cols + unit_values(ak) - 1) / unit_values(ak); u += warps) prep_unit(x, cols, scale, norm_w, ak, u, lane, xs, nullptr, nullptr);
+    const int units = (cols + unit_values(ak) - 1) / unit_values(ak);
+    if (ak == AK_Q8) {
+        i8* q = (i8*)xs;
+        float2* d = (float2*)((char*)xs + ((cols + 15) & ~15));
+        prep_units<8>(x, cols, scale, norm_w, ak, nullptr, q, d, warp, warps, units);
+        __syncthreads();
+        *xq = q;
+        *ds = d;
+        return x;
+    }
+    prep_units<8>(x, cols, scale, norm_w, ak, xs, nullptr, nullptr, warp, warps, units);
     __syncthreads();
     return xs;
 }
@@ -615,44 +658,36 @@ struct RopeStore {
     const Step* step;
 };
 
-template <int DT>
-__device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add, const float* norm_w, float eps, int S,
-                       RopeStore rs, int prep, const i8* xq, const float2* ds) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    Seg s = s0;
-    int seg = 0, r = 2 * (blockIdx.x * (8 / S) + warp / S);
-    if (r >= s0.rows) {
-        r -= s0.rows;
-        s = s1;
-        seg = 1;
-        if (r >= s1.rows) {
-            r -= s1.rows;
-            s = s2;
-            seg = 2;
-        }
+// Finds row r (of the three segments laid end to end) in its segment.
+__device__ __forceinline__ int locate(Seg s0, Seg s1, Seg s2, int r, Seg* s) {
+    if (r < s0.rows) {
+        *s = s0;
+        return 0;
     }
-    const bool valid = r < s.rows;  // no early return: reduce_slices synchronizes the block
-    const int rr = valid ? r : 0;
-    const u8* rows[2] = {s.w + (i64)rr * row_bytes, s.w + (i64)(rr + 1) * row_bytes};
-    if (valid) prefetch_rows<DT, 2>(rows, row_bytes, lane, warp % S, S);
-    pdl_wait();
-    pdl_launch();
-    x = stage_input<DT>(x, cols, norm_w, eps, prep);
-    float acc[2] = {0.0f, 0.0f};
-    if (valid) row_dots<DT, 2>(rows, cols, x, xq, ds, !prep, lane, warp % S, S, acc);
-    if (!reduce_slices<2>(acc, S) || !valid) return;
+    r -= s0.rows;
+    if (r < s1.rows) {
+        *s = s1;
+        return 1;
+    }
+    *s = s2;
+    return 2;
+}
+
+// Writes the products of rows r, r+1 of segment `seg`: plainly (or added, for a residual), or
+// for q/k/v with the rotation and the cache write.
+__device__ __forceinline__ void store_pair(Seg s, int seg, int r, float a0, float a1, int add, const RopeStore& rs) {
     if (rs.inv_freq == nullptr) {
-        s.y[r] = add ? s.y[r] + acc[0] : acc[0];
-        s.y[r + 1] = add ? s.y[r + 1] + acc[1] : acc[1];
+        s.y[r] = add ? s.y[r] + a0 : a0;
+        s.y[r + 1] = add ? s.y[r + 1] + a1 : a1;
         return;
     }
     const int pos = rs.step->pos0;
-    float y0 = acc[0], y1 = acc[1];
+    float y0 = a0, y1 = a1;
     if (seg < 2) {
         float sn, cs;
         sincosf((float)pos * rs.inv_freq[(r % rs.head_dim) / 2], &sn, &cs);
-        y0 = acc[0] * cs - acc[1] * sn;
-        y1 = acc[0] * sn + acc[1] * cs;
+        y0 = a0 * cs - a1 * sn;
+        y1 = a0 * sn + a1 * cs;
     }
     if (seg == 0) {
         s.y[r] = y0;
@@ -664,23 +699,68 @@ __device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const fl
     }
 }
 
+// Rows come in groups of 8/S pairs, one pair per S warps; a block takes groups blockIdx.x,
+// blockIdx.x + gridDim.x, ... (the host launches about one wave of blocks, so each block stages
+// its input once and then streams weights), warming L2 with its next group while it works.
+template <int DT>
+__device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* __restrict__ x, int add, const float* norm_w, float eps, int S,
+                       RopeStore rs, int prep, const i8* xq, const float2* ds) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, per = 8 / S;
+    const int pairs = (s0.rows + s1.rows + s2.rows) / 2, groups = (pairs + per - 1) / per;
+    for (int g = blockIdx.x, first = 1; g < groups; g += gridDim.x, first = 0) {
+        Seg s;
+        const int p = g * per + warp / S, next = p + gridDim.x * per;
+        const bool valid = p < pairs;  // no early exit: reduce_slices synchronizes the block
+        const int seg = locate(s0, s1, s2, 2 * (valid ? p : 0), &s);
+        const int r = 2 * (valid ? p : 0) - (seg > 0 ? s0.rows : 0) - (seg > 1 ? s1.rows : 0);
+        const u8* rows[2] = {s.w + (i64)r * row_bytes, s.w + (i64)(r + 1) * row_bytes};
+        if (first) {
+            if (valid) prefetch_rows<DT, 2>(rows, row_bytes, lane, warp % S, S);
+            pdl_wait();
+            pdl_launch();
+            x = stage_input<DT>(x, cols, norm_w, eps, prep, &xq, &ds);
+        }
+        if (next < pairs) {
+            Seg sn;
+            const int nseg = locate(s0, s1, s2, 2 * next, &sn);
+            const int nr = 2 * next - (nseg > 0 ? s0.rows : 0) - (nseg > 1 ? s1.rows : 0);
+            const u8* nrows[2] = {sn.w + (i64)nr * row_bytes, sn.w + (i64)(nr + 1) * row_bytes};
+            prefetch_rows<DT, 2>(nrows, row_bytes, lane, warp % S, S);
+        }
+        float acc[2] = {0.0f, 0.0f};
+        if (valid) row_dots<DT, 2>(rows, cols, x, xq, ds, !prep, lane, warp % S, S, acc);
+        if (reduce_slices<2>(acc, S) && valid) store_pair(s, seg, r, acc[0], acc[1], add, rs);
+        if (S > 1) __syncthreads();  // reduce_slices' shared memory is reused by the next group
+    }
+}
+
 // The feed-forward's first half for one token: out[r] = silu(gate_r · x) * (up_r · x); the gate
-// and up rows are read together.
+// and up rows are read together. Groups of 8/S rows, as in matvec.
 template <int DT>
 __device__ void ffn_up(const u8* wg, const u8* wu, float* out, int rows, i64 row_bytes, int cols, const float* __restrict__ x, const float* norm_w, float eps,
                        int S, int prep, const i8* xq, const float2* ds) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (8 / S) + warp / S;
-    const bool valid = r < rows;
-    const int rr = valid ? r : 0;
-    const u8* both[2] = {wg + (i64)rr * row_bytes, wu + (i64)rr * row_bytes};
-    if (valid) prefetch_rows<DT, 2>(both, row_bytes, lane, warp % S, S);
-    pdl_wait();
-    pdl_launch();
-    x = stage_input<DT>(x, cols, norm_w, eps, prep);
-    float acc[2] = {0.0f, 0.0f};
-    if (valid) row_dots<DT, 2>(both, cols, x, xq, ds, !prep, lane, warp % S, S, acc);
-    if (reduce_slices<2>(acc, S) && valid) out[r] = acc[0] / (1.0f + expf(-acc[0])) * acc[1];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, per = 8 / S;
+    const int groups = (rows + per - 1) / per;
+    for (int g = blockIdx.x, first = 1; g < groups; g += gridDim.x, first = 0) {
+        const int r = g * per + warp / S, next = r + gridDim.x * per;
+        const bool valid = r < rows;
+        const int rr = valid ? r : 0;
+        const u8* both[2] = {wg + (i64)rr * row_bytes, wu + (i64)rr * row_bytes};
+        if (first) {
+            if (valid) prefetch_rows<DT, 2>(both, row_bytes, lane, warp % S, S);
+            pdl_wait();
+            pdl_launch();
+            x = stage_input<DT>(x, cols, norm_w, eps, prep, &xq, &ds);
+        }
+        if (next < rows) {
+            const u8* nboth[2] = {wg + (i64)next * row_bytes, wu + (i64)next * row_bytes};
+            prefetch_rows<DT, 2>(nboth, row_bytes, lane, warp % S, S);
+        }
+        float acc[2] = {0.0f, 0.0f};
+        if (valid) row_dots<DT, 2>(both, cols, x, xq, ds, !prep, lane, warp % S, S, acc);
+        if (reduce_slices<2>(acc, S) && valid) out[r] = acc[0] / (1.0f + expf(-acc[0])) * acc[1];
+        if (S > 1) __syncthreads();
+    }
 }
 
 #define MATVEC(suffix, DT)                                                                                                                \
@@ -897,6 +977,34 @@ extern "C" __global__ void attn_partial(const float* q, const u16* kc, const u16
     }
 }
 
+// Loads `per` consecutive f16 values (at most 8): in one load, aligned to its size, when per is
+// 1, 2, 4 or 8; one by one otherwise (head_dim 96, 160, ...).
+__device__ __forceinline__ void load_halves(const u16* p, int per, float* out) {
+    if (per != 1 && per != 2 && per != 4 && per != 8) {
+        for (int j = 0; j < per; j++) out[j] = h2f(p[j]);
+    } else if (per == 8) {
+        const uint4 w = *(const uint4*)p;
+        const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            out[2 * k] = h2f(ws[k] & 0xffff);
+            out[2 * k + 1] = h2f(ws[k] >> 16);
+        }
+    } else if (per == 4) {
+        const uint2 w = *(const uint2*)p;
+        out[0] = h2f(w.x & 0xffff);
+        out[1] = h2f(w.x >> 16);
+        out[2] = h2f(w.y & 0xffff);
+        out[3] = h2f(w.y >> 16);
+    } else if (per == 2) {
+        const u32 w = *(const u32*)p;
+        out[0] = h2f(w & 0xffff);
+        out[1] = h2f(w >> 16);
+    } else {
+        out[0] = h2f(*p);
+    }
+}
+
 // Attention over a short context (ctx <= 1024) in one block per (head, token), with no split and
 // no combine pass: each thread scores whole positions (a full q·k dot from one 16-byte-loaded K
 // row) into shared memory, the block takes an exact softmax, then each warp accumulates V over
@@ -948,21 +1056,25 @@ extern "C" __global__ void attn_small(const float* q, const u16* kc, const u16* 
     __syncthreads();
     sum = 0.0f;
     for (int w = 0; w < warps; w++) sum += red[w];
-    // Weighted V: warp w takes positions w, w + warps, ...; lane owns dims lane + 32j.
+    // Weighted V: warp w takes positions w, w + warps, ...; lane owns the `per` consecutive dims
+    // from lane * per, read in one load, four positions in flight.
     float a[MAX_HD_PER_LANE];
 #pragma unroll
     for (int j = 0; j < MAX_HD_PER_LANE; j++) a[j] = 0.0f;
     const int per = head_dim / 32;
+    const u16* vbase = vc + kvh * head_dim + lane * per;
+#pragma unroll 4
     for (int p = warp; p < ctx; p += warps) {
-        const u16* vr = vc + (i64)p * kv_dim + kvh * head_dim;
+        float v[MAX_HD_PER_LANE];
+        load_halves(vbase + (i64)p * kv_dim, per, v);
         const float e = sc[p];
 #pragma unroll
         for (int j = 0; j < MAX_HD_PER_LANE; j++)
-            if (j < per) a[j] += e * h2f(vr[lane + 32 * j]);
+            if (j < per) a[j] += e * v[j];
     }
 #pragma unroll
     for (int j = 0; j < MAX_HD_PER_LANE; j++)
-        if (j < per) acc_s[warp][lane + 32 * j] = a[j];
+        if (j < per) acc_s[warp][lane * per + j] = a[j];
     __syncthreads();
     const float inv = 1.0f / sum;
     for (int d = tid; d < head_dim; d += blockDim.x) {

@@ -198,6 +198,10 @@ pub struct CudaBackend {
     /// Kernels launched with programmatic dependent launch: each may start (and prefetch its
     /// weights) while the previous one finishes (`DRIFTWOOD_CUDA_PDL=0` turns it off).
     pdl: bool,
+    /// Most blocks a one-token product launches (0: no cap).
+    max_blocks: usize,
+    /// Widest input of 8-bit-activation products that each block quantizes itself.
+    stage_q8_cols: usize,
     /// Whether device pointers of registered host memory equal the host pointers.
     identity_mapping: bool,
 }
@@ -311,6 +315,15 @@ impl CudaBackend {
         let use_graphs = env_on("DRIFTWOOD_CUDA_GRAPHS");
         // Programmatic dependent launch needs Hopper (sm_90) or newer.
         let pdl = major >= 9 && env_on("DRIFTWOOD_CUDA_PDL");
+        // Product kernels run about one wave of 8-warp blocks: 4 per SM unless
+        // DRIFTWOOD_CUDA_BLOCKS_PER_SM says otherwise (0: one block per row group).
+        let env_usize = |k: &str, default: usize| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(default);
+        let per_sm = env_usize("DRIFTWOOD_CUDA_BLOCKS_PER_SM", 4);
+        // Rows up to this wide are quantized by each product block instead of once by act_prep
+        // (DRIFTWOOD_CUDA_STAGE_Q8_COLS). Off by default: on an H200 the launch it saves cost
+        // less than every block quantizing (SmolLM2-135M Q4_1 decode 1.056 vs 1.136 ms/token,
+        // Llama-3.2-1B Q4_0 1.284 vs 1.454).
+        let stage_q8_cols = env_usize("DRIFTWOOD_CUDA_STAGE_Q8_COLS", 0);
         Ok(CudaBackend {
             info: DeviceInfo {
                 kind: DeviceKind::Cuda,
@@ -333,6 +346,8 @@ impl CudaBackend {
             rope_tables: Mutex::new(HashMap::new()),
             use_graphs,
             pdl,
+            max_blocks: per_sm * sms,
+            stage_q8_cols,
             identity_mapping: host_ptr,
         })
     }
@@ -506,6 +521,13 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Blocks for a one-token product of `groups` row groups: at most `max_blocks` (about one
+    /// wave), each block taking every gridDim-th group (see `matvec` in kernels.cu).
+    fn product_blocks(&self, groups: usize) -> u32 {
+        let cap = if self.max_blocks == 0 { groups } else { self.max_blocks };
+        groups.min(cap).max(1) as u32
+    }
+
     /// Runs `act_prep` on `n` tokens of `cols` activations into scratch: RMS-normalized with
     /// `norm` when given, then rounded as the CPU engine rounds activations for `dtype` weights.
     fn prepare(&self, x: CUdeviceptr, n: usize, cols: usize, norm: Option<(CUdeviceptr, f32)>, dtype: DType) -> Result<Prepared, BackendError> {
@@ -559,7 +581,7 @@ impl CudaBackend {
         let add = add as i32;
         // Pairs of rows, each pair on `slices` warps of an 8-warp block.
         let slices = k_slices(rows / 2);
-        let grid = (rows / 2).div_ceil(8 / slices) as u32;
+        let grid = self.product_blocks((rows / 2).div_ceil(8 / slices));
         let sl = slices as i32;
         let f = self.k.matvec[dtype_code(w0.dtype)];
         let input = self.product_input(x, w0, norm)?;
@@ -567,18 +589,27 @@ impl CudaBackend {
         self.launch_smem("matmul", f, (grid, 1, 1), 256, smem, &mut args![segs[0], segs[1], segs[2], row_bytes, cols, x, add, nw, eps, sl, rs, prep, xq, ds])
     }
 
-    /// How a one-token product kernel gets its input (see `stage_input` in kernels.cu): quantized
-    /// formats read activations `act_prep` prepared once (normalized and quantized); F32/F16/BF16
-    /// products stage a fused norm in each block's shared memory, or round raw input as they read.
+    /// How a one-token product kernel gets its input (see `stage_input` in kernels.cu). Each
+    /// block stages it in shared memory, normalized and rounded, when a norm is fused or the
+    /// format takes 8-bit activations and the row is narrow enough (`stage_q8_cols`) that
+    /// quantizing it per block costs less than a launch of `act_prep`; otherwise `act_prep`
+    /// prepares it once (K-quants always). Unnormalized F32/F16/BF16 input is rounded as it is read.
     fn product_input(&self, x: CUdeviceptr, w: &Linear, norm: Option<(CUdeviceptr, f32)>) -> Result<ProductInput, BackendError> {
         let (norm_w, eps) = norm.unwrap_or((0, 0.0));
         let plain = ProductInput { x, norm_w, eps, prep: 0, xq: 0, ds: 0, smem: 0 };
-        if act_kind(w.dtype) >= AK_Q8 || (norm.is_some() && stage_bytes(w.cols) > STAGE_LIMIT) {
+        let ak = act_kind(w.dtype);
+        let staged = stage_bytes(w.cols, ak);
+        let stage = match ak {
+            AK_Q8 => w.cols <= self.stage_q8_cols,
+            AK_Q8K => false,
+            _ => norm.is_some(),
+        };
+        if stage && staged <= STAGE_LIMIT {
+            return Ok(ProductInput { prep: 1, smem: staged as u32, ..plain });
+        }
+        if ak >= AK_Q8 || norm.is_some() {
             let p = self.prepare(x, 1, w.cols, norm, w.dtype)?;
             return Ok(ProductInput { x: p.y, xq: p.q8, ds: p.ds, norm_w: 0, eps: 0.0, ..plain });
-        }
-        if norm.is_some() {
-            return Ok(ProductInput { prep: 1, smem: stage_bytes(w.cols) as u32, ..plain });
         }
         Ok(plain)
     }
@@ -655,9 +686,14 @@ fn k_slices(row_groups: usize) -> usize {
 /// Shared memory a block gets without opting in: the most a product kernel stages.
 const STAGE_LIMIT: usize = 48 * 1024;
 
-/// Bytes a product kernel stages for an input of `cols` values.
-fn stage_bytes(cols: usize) -> usize {
-    4 * cols
+/// Bytes a product kernel stages for an input of `cols` values of activation kind `ak`: f32
+/// values, or for 8-bit blocks the quants (padded to 16 bytes) and a (d, s) pair per block.
+fn stage_bytes(cols: usize, ak: usize) -> usize {
+    if ak == AK_Q8 {
+        cols.next_multiple_of(16) + cols / 32 * 8
+    } else {
+        4 * cols
+    }
 }
 
 /// Activation kinds of kernels.cu (`AK_*`): how the CPU engine rounds activations for a format.
@@ -698,7 +734,7 @@ struct Prepared {
 /// shared memory a block gets without opting in.
 fn fusable_norm(ws: &[&Linear]) -> bool {
     let first = ws[0];
-    ws.len() <= 3 && stage_bytes(first.cols) <= STAGE_LIMIT && ws.iter().all(|w| fast_rows(w) && w.dtype == first.dtype && w.cols == first.cols)
+    ws.len() <= 3 && stage_bytes(first.cols, AK_F32) <= STAGE_LIMIT && ws.iter().all(|w| fast_rows(w) && w.dtype == first.dtype && w.cols == first.cols)
 }
 
 /// Whether the specialized matvec kernels can read this weight's rows (16-byte aligned dense rows).
@@ -1049,7 +1085,7 @@ impl Backend for CudaBackend {
         let input = self.product_input(xm.ptr(), w_gate, Some((nm.ptr(), norm.eps)))?;
         let (xp, nw, eps, prep, xq, ds) = (input.x, input.norm_w, input.eps, input.prep, input.xq, input.ds);
         let slices = k_slices(w_gate.rows);
-        let (grid, sl) = (w_gate.rows.div_ceil(8 / slices) as u32, slices as i32);
+        let (grid, sl) = (self.product_blocks(w_gate.rows.div_ceil(8 / slices)), slices as i32);
         self.launch_smem("matmul", f, (grid, 1, 1), 256, input.smem, &mut args![wg, wu, out, rows, row_bytes, cols, xp, nw, eps, sl, prep, xq, ds])
     }
 
@@ -1374,7 +1410,8 @@ mod tests {
         for (arch, pdl) in [("sm_90", true), ("sm_80", false)] {
             match compile_kernels(arch) {
                 Ok(ptx) => {
-                    for name in ["embed", "matvec_q4_k", "matvec_bf16", "attn_partial", "attn_combine", "rms_norm", "rope", "kv_store", "act_prep", "copy_f32"] {
+                    for name in ["embed", "matvec_q4_k", "matvec_bf16", "attn_partial", "attn_combine", "rms_norm", "rope", "kv_store", "act_prep", "copy_f32"]
+                    {
                         assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing from the {arch} PTX");
                     }
                     assert_eq!(ptx.contains("griddepcontrol.wait"), pdl, "{arch}");
