@@ -117,27 +117,29 @@ __device__ __forceinline__ void scale_min_k4(int j, const u8* q, float* sc, floa
 }
 
 // ---- dequantizing one element (embedding rows, the prefill dequantization pass) ----
+//
+// Q4_0, Q4_1 and Q8_0 rows are repacked when they are uploaded (`repack_rows` in mod.rs): a row
+// holds its blocks' quants first (16 bytes per Q4 block, 32 per Q8_0 block, in GGUF's order),
+// then their scales (f16 d; for Q4_1 d and m), padded to a multiple of 16 bytes. A lane then
+// reads a whole block's quants with aligned 16-byte loads, where GGUF's 18-, 20- and 34-byte
+// blocks only allow 2-byte loads.
 
-__device__ float dequant_one(int dt, const u8* row, int i) {
+__device__ float dequant_one(int dt, const u8* row, int i, int cols) {
+    const int nb = cols / 32, b = i / 32, j = i % 32;
     switch (dt) {
     case DT_F32: return ((const float*)row)[i];
     case DT_F16: return h2f(((const u16*)row)[i]);
     case DT_BF16: return bf2f(((const u16*)row)[i]);
-    case DT_Q8_0: {
-        const u8* b = row + (i / 32) * 34;
-        return ld_h(b) * (float)(i8)b[2 + i % 32];
-    }
+    // Repacked rows (see above): quants first, then the scales.
+    case DT_Q8_0: return ld_h(row + 32 * nb + 2 * b) * (float)(i8)row[32 * b + j];
     case DT_Q4_0: {
-        const u8* b = row + (i / 32) * 18;
-        int j = i % 32;
-        int q = j < 16 ? (b[2 + j] & 0xF) : (b[2 + j - 16] >> 4);
-        return ld_h(b) * (float)(q - 8);
+        const u8 v = row[16 * b + j % 16];
+        return ld_h(row + 16 * nb + 2 * b) * (float)((j < 16 ? v & 0xF : v >> 4) - 8);
     }
     case DT_Q4_1: {
-        const u8* b = row + (i / 32) * 20;
-        int j = i % 32;
-        int q = j < 16 ? (b[4 + j] & 0xF) : (b[4 + j - 16] >> 4);
-        return ld_h(b) * (float)q + ld_h(b + 2);
+        const u8 v = row[16 * b + j % 16];
+        const u8* dm = row + 16 * nb + 4 * b;
+        return ld_h(dm) * (float)(j < 16 ? v & 0xF : v >> 4) + ld_h(dm + 2);
     }
     case DT_Q4_K:
     case DT_Q5_K: {
@@ -170,7 +172,7 @@ extern "C" __global__ void embed(const u8* table, int dt, i64 row_bytes, int col
     pdl_launch();
     int t = blockIdx.y;
     const u8* row = table + (i64)step->tokens[t] * row_bytes;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) out[(i64)t * cols + i] = dequant_one(dt, row, i);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) out[(i64)t * cols + i] = dequant_one(dt, row, i, cols);
 }
 
 // out[r][c] = W[r][c] as f32, for rows [row0, row0 + rows). Grid-stride over elements.
@@ -181,7 +183,7 @@ extern "C" __global__ void dequant_rows(const u8* w, int dt, i64 row_bytes, int 
     for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total; e += (i64)gridDim.x * blockDim.x) {
         i64 r = e / cols;
         int c = (int)(e % cols);
-        out[e] = dequant_one(dt, w + (row0 + r) * row_bytes, c);
+        out[e] = dequant_one(dt, w + (row0 + r) * row_bytes, c, cols);
     }
 }
 
@@ -344,7 +346,8 @@ __device__ __forceinline__ void nib4(u32 q, const float* xl, const float* xh, fl
     *hi += (float)((q >> 4) & 0xF) * xh[0] + (float)((q >> 12) & 0xF) * xh[1] + (float)((q >> 20) & 0xF) * xh[2] + (float)(q >> 28) * xh[3];
 }
 
-// Dot of 32-value group `g` of a row with x[32g .. 32g+32).
+// Dot of 32-value group `g` of a row with x[32g .. 32g+32) (dense and K-quant rows; repacked
+// Q4/Q8_0 rows go through dot_q8act).
 template <int DT>
 __device__ __forceinline__ float dot_group(const u8* row, int g, const float* __restrict__ x) {
     const float* xg = x + 32 * g;
@@ -368,36 +371,6 @@ __device__ __forceinline__ float dot_group(const u8* row, int g, const float* __
 #pragma unroll
         for (int k = 0; k < 4; k++) s += DT == DT_F16 ? dot8_h(ws[k], xv[2 * k], xv[2 * k + 1]) : dot8_bf(ws[k], xv[2 * k], xv[2 * k + 1]);
         return s;
-    } else if (DT == DT_Q8_0) {
-        const u8* b = row + 34 * g;
-        const u16* q = (const u16*)(b + 2);
-        float s = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 16; k++) {
-            u16 v = q[k];
-            s += (float)(i8)(v & 0xff) * xg[2 * k] + (float)(i8)(v >> 8) * xg[2 * k + 1];
-        }
-        return s * ld_h(b);
-    } else if (DT == DT_Q4_0) {
-        // Values are (q - 8) * d: the bias is folded into each nibble before the multiply.
-        const u8* b = row + 18 * g;
-        const u16* q16 = (const u16*)(b + 2);
-        float lo = 0.0f, hi = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            u32 q = q16[k];
-            lo += (float)((int)(q & 0xF) - 8) * xg[2 * k] + (float)((int)((q >> 8) & 0xF) - 8) * xg[2 * k + 1];
-            hi += (float)((int)((q >> 4) & 0xF) - 8) * xg[16 + 2 * k] + (float)((int)(q >> 12) - 8) * xg[16 + 2 * k + 1];
-        }
-        return ld_h(b) * (lo + hi);
-    } else if (DT == DT_Q4_1) {
-        const u8* b = row + 20 * g;
-        float lo = 0.0f, hi = 0.0f, xs = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 4; k++) nib4(((const u32*)(b + 4))[k], xg + 4 * k, xg + 16 + 4 * k, &lo, &hi);
-#pragma unroll
-        for (int k = 0; k < 32; k++) xs += xg[k];
-        return ld_h(b) * (lo + hi) + ld_h(b + 2) * xs;
     } else if (DT == DT_Q4_K || DT == DT_Q5_K) {
         const bool five = DT == DT_Q5_K;
         const u8* b = row + (five ? 176 : 144) * (g / 8);
@@ -493,7 +466,7 @@ __device__ __forceinline__ void dot_dense(const u8* const* rows, int cols, const
             for (int i = (cols / 8) * 8 + lane; i < cols; i += 32) {
                 const float xi = rx ? round4<DT>(make_float4(x[i], 0.0f, 0.0f, 0.0f)).x : x[i];
 #pragma unroll
-                for (int r = 0; r < NR; r++) acc[r] += dequant_one(DT, rows[r], i) * xi;
+                for (int r = 0; r < NR; r++) acc[r] += dequant_one(DT, rows[r], i, cols) * xi;
             }
     }
 }
@@ -504,41 +477,63 @@ __device__ __forceinline__ int dp4a(int a, int b, int c) {
     return r;
 }
 
-// One 32-value block's share for lane `sub` of its four lanes (Q4_0, Q4_1, Q8_0), on the 8-bit
-// activations act_prep made: integer dot products (dp4a) scaled by d_w * d_x, as ggml's
-// vec_dot_q4_0_q8_0 and friends compute them.
-template <int DT>
-__device__ __forceinline__ float dot_q_part(const u8* row, int b, int sub, const int* __restrict__ xq, const float2* __restrict__ ds) {
-    const float2 dx = ds[b];
-    if (DT == DT_Q8_0) {
-        // Values 8sub..8sub+7: two words of weights (2-byte aligned blocks) and of activations.
-        const u8* blk = row + 34 * b;
-        const u16* q = (const u16*)(blk + 2 + 8 * sub);
-        const int w0 = (int)((u32)q[0] | ((u32)q[1] << 16)), w1 = (int)((u32)q[2] | ((u32)q[3] << 16));
-        const int sum = dp4a(w0, xq[8 * b + 2 * sub], dp4a(w1, xq[8 * b + 2 * sub + 1], 0));
-        return ld_h(blk) * dx.x * (float)sum;
-    } else {
-        // Bytes 4sub..4sub+3 of the block's 16: low nibbles are values 4sub.., high ones 16+4sub..
-        const bool one = DT == DT_Q4_1;
-        const u8* blk = row + (one ? 20 : 18) * b;
-        u32 v;
-        if (one) {
-            v = *(const u32*)(blk + 4 + 4 * sub);
-        } else {
-            const u16* q = (const u16*)(blk + 2 + 4 * sub);
-            v = (u32)q[0] | ((u32)q[1] << 16);
+// Q4_0 / Q4_1 / Q8_0 rows (repacked) times 8-bit activations: one lane per block, its quants in
+// one (Q4) or two (Q8_0) 16-byte loads, integer dot products (dp4a) scaled by d_w * d_x as ggml's
+// vec_dot_q4_0_q8_0 and friends compute them; Q4_1's min term takes the activation block's
+// stored sum. STEPS blocks per row are loaded before any is used.
+template <int DT, int NR>
+__device__ __forceinline__ void dot_q8act(const u8* const* rows, int cols, const i8* __restrict__ xq, const float2* __restrict__ ds, int lane, int ks, int S,
+                                          float* acc) {
+    constexpr int QB = DT == DT_Q8_0 ? 32 : 16, SB = DT == DT_Q4_1 ? 4 : 2, STEPS = 4;
+    const int nb = cols / 32, stride = 32 * S;
+    for (int b0 = ks * 32 + lane; b0 < nb; b0 += STEPS * stride) {
+        uint4 w[STEPS][NR][QB / 16];
+        u32 sc[STEPS][NR];
+#pragma unroll
+        for (int u = 0; u < STEPS; u++) {
+            const int b = b0 + u * stride;
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+#pragma unroll
+                for (int h = 0; h < QB / 16; h++) w[u][r][h] = b < nb ? ((const uint4*)(rows[r] + QB * b))[h] : make_uint4(0, 0, 0, 0);
+                const u8* s = rows[r] + QB * nb + SB * b;
+                sc[u][r] = b < nb ? (SB == 4 ? *(const u32*)s : (u32) * (const u16*)s) : 0u;
+            }
         }
-        u32 lo = v & 0x0F0F0F0Fu, hi = (v >> 4) & 0x0F0F0F0Fu;
-        if (!one) {
-            // q - 8 in each byte, as signed bytes: (q + 0x78) ^ 0x80 (no carries: q <= 15).
-            lo = (lo + 0x78787878u) ^ 0x80808080u;
-            hi = (hi + 0x78787878u) ^ 0x80808080u;
+#pragma unroll
+        for (int u = 0; u < STEPS; u++) {
+            const int b = b0 + u * stride;
+            if (b >= nb) break;
+            const int4 xa = ((const int4*)(xq + 32 * b))[0], xb = ((const int4*)(xq + 32 * b))[1];
+            const float2 dx = ds[b];
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                int sum;
+                if (DT == DT_Q8_0) {
+                    const uint4 a = w[u][r][0], c = w[u][r][QB / 16 - 1];
+                    sum = dp4a((int)a.x, xa.x, dp4a((int)a.y, xa.y, dp4a((int)a.z, xa.z, dp4a((int)a.w, xa.w, 0))));
+                    sum = dp4a((int)c.x, xb.x, dp4a((int)c.y, xb.y, dp4a((int)c.z, xb.z, dp4a((int)c.w, xb.w, sum))));
+                } else {
+                    // Byte j holds values j (low nibble) and j + 16 (high): word k pairs with
+                    // activation words k and 4 + k.
+                    const u32 q[4] = {w[u][r][0].x, w[u][r][0].y, w[u][r][0].z, w[u][r][0].w};
+                    const int xl[4] = {xa.x, xa.y, xa.z, xa.w}, xh[4] = {xb.x, xb.y, xb.z, xb.w};
+                    sum = 0;
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        u32 lo = q[k] & 0x0F0F0F0Fu, hi = (q[k] >> 4) & 0x0F0F0F0Fu;
+                        if (DT == DT_Q4_0) {
+                            // q - 8 in each byte, as signed bytes: (q + 0x78) ^ 0x80 (no carries).
+                            lo = (lo + 0x78787878u) ^ 0x80808080u;
+                            hi = (hi + 0x78787878u) ^ 0x80808080u;
+                        }
+                        sum = dp4a((int)lo, xl[k], dp4a((int)hi, xh[k], sum));
+                    }
+                }
+                acc[r] += h2f((u16)(sc[u][r] & 0xffff)) * dx.x * (float)sum;
+                if (DT == DT_Q4_1) acc[r] += h2f((u16)(sc[u][r] >> 16)) * dx.y;
+            }
         }
-        const int sum = dp4a((int)lo, xq[8 * b + sub], dp4a((int)hi, xq[8 * b + 4 + sub], 0));
-        float r = ld_h(blk) * dx.x * (float)sum;
-        // The min term m * sum(x) takes the activation block's stored sum, as ggml's does.
-        if (one && sub == 0) r += ld_h(blk + 2) * dx.y;
-        return r;
     }
 }
 
@@ -552,13 +547,7 @@ __device__ __forceinline__ void row_dots(const u8* const* rows, int cols, const 
     if (DT == DT_F32 || DT == DT_F16 || DT == DT_BF16) {
         dot_dense<DT, NR>(rows, cols, x, rx, lane, ks, S, acc);
     } else if (DT == DT_Q4_0 || DT == DT_Q4_1 || DT == DT_Q8_0) {
-        // Four lanes per 32-value block, eight blocks per warp step: neighbouring lanes read
-        // neighbouring bytes and activations.
-        const int sub = lane & 3, blocks = cols / 32;
-#pragma unroll 4
-        for (int b = ks * 8 + (lane >> 2); b < blocks; b += 8 * S)
-#pragma unroll
-            for (int r = 0; r < NR; r++) acc[r] += dot_q_part<DT>(rows[r], b, sub, (const int*)xq, ds);
+        dot_q8act<DT, NR>(rows, cols, xq, ds, lane, ks, S, acc);
     } else {
         // K-quants: one lane per 32-value group.
         for (int g = ks * 32 + lane; g < cols / 32; g += 32 * S)
@@ -598,7 +587,8 @@ struct Seg {
 // Bytes one warp reads from each of its rows per step of row_dots' loop.
 template <int DT>
 __device__ constexpr int warp_step_bytes() {
-    return DT <= DT_BF16 ? 512 : DT == DT_Q8_0 ? 8 * 34 : DT == DT_Q4_0 ? 8 * 18 : DT == DT_Q4_1 ? 8 * 20 : DT == DT_Q6_K ? 4 * 210 : DT == DT_Q5_K ? 4 * 176 : 4 * 144;
+    // Dense: 16 bytes a lane; repacked Q4/Q8_0: one block's quants a lane; K-quants: 32 groups.
+    return DT <= DT_BF16 ? 512 : DT == DT_Q8_0 ? 32 * 32 : DT == DT_Q4_0 || DT == DT_Q4_1 ? 32 * 16 : DT == DT_Q6_K ? 4 * 210 : DT == DT_Q5_K ? 4 * 176 : 4 * 144;
 }
 
 #define PREFETCH_STEPS 4
@@ -791,7 +781,7 @@ extern "C" __global__ void matvec_any(Seg s0, int dt, i64 row_bytes, int cols, c
     if (r >= s0.rows) return;
     const u8* row = s0.w + (i64)r * row_bytes;
     float acc = 0.0f;
-    for (int i = lane; i < cols; i += 32) acc += dequant_one(dt, row, i) * x[i];
+    for (int i = lane; i < cols; i += 32) acc += dequant_one(dt, row, i, cols) * x[i];
     acc = warp_sum(acc);
     if (lane == 0) s0.y[r] = add ? s0.y[r] + acc : acc;
 }

@@ -202,6 +202,8 @@ pub struct CudaBackend {
     max_blocks: usize,
     /// Widest input of 8-bit-activation products that each block quantizes itself.
     stage_q8_cols: usize,
+    /// Whether k-slices are bounded by the steps of a row (see [`k_slices`]).
+    slice_cap: bool,
     /// Whether device pointers of registered host memory equal the host pointers.
     identity_mapping: bool,
 }
@@ -324,6 +326,7 @@ impl CudaBackend {
         // less than every block quantizing (SmolLM2-135M Q4_1 decode 1.056 vs 1.136 ms/token,
         // Llama-3.2-1B Q4_0 1.284 vs 1.454).
         let stage_q8_cols = env_usize("DRIFTWOOD_CUDA_STAGE_Q8_COLS", 0);
+        let slice_cap = env_on("DRIFTWOOD_CUDA_SLICE_CAP");
         Ok(CudaBackend {
             info: DeviceInfo {
                 kind: DeviceKind::Cuda,
@@ -348,6 +351,7 @@ impl CudaBackend {
             pdl,
             max_blocks: per_sm * sms,
             stage_q8_cols,
+            slice_cap,
             identity_mapping: host_ptr,
         })
     }
@@ -521,6 +525,15 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The row steps that bound a product's k-slices (`DRIFTWOOD_CUDA_SLICE_CAP=0`: no bound).
+    fn steps_cap(&self, w: &Linear) -> usize {
+        if self.slice_cap {
+            warp_steps(w.dtype, w.cols)
+        } else {
+            8
+        }
+    }
+
     /// Blocks for a one-token product of `groups` row groups: at most `max_blocks` (about one
     /// wave), each block taking every gridDim-th group (see `matvec` in kernels.cu).
     fn product_blocks(&self, groups: usize) -> u32 {
@@ -564,7 +577,7 @@ impl CudaBackend {
             for (w, &y) in ws.iter().zip(ys) {
                 let x = if act_kind(w.dtype) == AK_F32 { x } else { self.prepare(x, 1, w.cols, None, w.dtype)?.y };
                 let seg = Seg { w: weight_mem(w, "matmul")?.ptr(), y, rows: w.rows as i32 };
-                let (dt, row_bytes, cols, add) = (dtype_code(w.dtype) as i32, w.dtype.row_bytes(w.cols).unwrap_or(0) as i64, w.cols as i32, add as i32);
+                let (dt, row_bytes, cols, add) = (dtype_code(w.dtype) as i32, device_row_bytes(w.dtype, w.cols) as i64, w.cols as i32, add as i32);
                 self.launch("matmul", self.k.matvec_any, (w.rows.div_ceil(8) as u32, 1, 1), 256, &mut args![seg, dt, row_bytes, cols, x, add])?;
             }
             return Ok(());
@@ -576,11 +589,11 @@ impl CudaBackend {
             rows += w.rows;
         }
         let w0 = ws[0];
-        let row_bytes = w0.dtype.row_bytes(w0.cols).unwrap_or(0) as i64;
+        let row_bytes = device_row_bytes(w0.dtype, w0.cols) as i64;
         let cols = w0.cols as i32;
         let add = add as i32;
         // Pairs of rows, each pair on `slices` warps of an 8-warp block.
-        let slices = k_slices(rows / 2);
+        let slices = k_slices(rows / 2, self.steps_cap(w0));
         let grid = self.product_blocks((rows / 2).div_ceil(8 / slices));
         let sl = slices as i32;
         let f = self.k.matvec[dtype_code(w0.dtype)];
@@ -618,7 +631,7 @@ impl CudaBackend {
     fn gemm_weights(&self, w: &Linear, x: CUdeviceptr, y: CUdeviceptr, n: usize, add: bool) -> Result<(), BackendError> {
         let wm = weight_mem(w, "matmul")?.ptr();
         let (rows, cols) = (w.rows, w.cols);
-        let row_bytes = w.dtype.row_bytes(cols).unwrap_or(0) as i64;
+        let row_bytes = device_row_bytes(w.dtype, cols) as i64;
         // Large matrices (the output projection) go in slabs of rows to bound the scratch.
         let slab = rows.min((64 << 20) / (4 * cols)).max(1);
         let scratch = self.scratch("matmul", |s| &mut s.weights, slab * cols * 4)?;
@@ -678,9 +691,22 @@ impl CudaBackend {
 
 /// Warps that share a group of rows (1, 2, 4 or 8; the k-slices): enough that a launch has some
 /// 4096 warps streaming weights, so small matrices still fill the GPU's memory pipeline.
-fn k_slices(row_groups: usize) -> usize {
+/// No more warps than a row has loop steps (`steps`), so that every slice has work.
+fn k_slices(row_groups: usize, steps: usize) -> usize {
     let want = 4096usize.div_ceil(row_groups.max(1));
-    [1, 2, 4, 8].into_iter().find(|&s| s >= want).unwrap_or(8)
+    let s = [1, 2, 4, 8].into_iter().find(|&s| s >= want).unwrap_or(8);
+    let most = [8, 4, 2, 1].into_iter().find(|&m| m <= steps.max(1)).unwrap_or(1);
+    s.min(most)
+}
+
+/// Steps of row_dots' loop one warp needs for a whole row of `cols` values (kernels.cu's
+/// `warp_step_bytes`): 128 f32 or 256 f16/bf16 values a step, 32 blocks of 32 for the rest.
+fn warp_steps(d: DType, cols: usize) -> usize {
+    cols.div_ceil(match d {
+        DType::F32 => 128,
+        DType::F16 | DType::BF16 => 256,
+        _ => 1024,
+    })
 }
 
 /// Shared memory a block gets without opting in: the most a product kernel stages.
@@ -735,6 +761,43 @@ struct Prepared {
 fn fusable_norm(ws: &[&Linear]) -> bool {
     let first = ws[0];
     ws.len() <= 3 && stage_bytes(first.cols, AK_F32) <= STAGE_LIMIT && ws.iter().all(|w| fast_rows(w) && w.dtype == first.dtype && w.cols == first.cols)
+}
+
+/// Formats whose rows are stored on the device in the repacked layout of kernels.cu: each row's
+/// block quants first, then the block scales, padded to 16 bytes.
+fn repacked(d: DType) -> bool {
+    matches!(d, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
+}
+
+/// Bytes per row in device memory: the GGUF row size, padded to 16 for repacked formats.
+fn device_row_bytes(d: DType, cols: usize) -> usize {
+    let bytes = d.row_bytes(cols).unwrap_or(0);
+    if repacked(d) {
+        bytes.next_multiple_of(16)
+    } else {
+        bytes
+    }
+}
+
+/// GGUF rows of a repacked format (Q4_0: [d f16][16 quant bytes], Q4_1: [d][m][16], Q8_0: [d][32])
+/// rearranged as kernels.cu reads them: per row, every block's quant bytes in order, then every
+/// block's scale bytes (d, or d and m), then zero padding up to [`device_row_bytes`].
+fn repack_rows(d: DType, cols: usize, src: &[u8]) -> Result<Vec<u8>, String> {
+    let (block, scale) = (d.block_bytes(), if d == DType::Q4_1 { 4 } else { 2 });
+    let (quants, nb) = (block - scale, cols / 32);
+    let (row, dev_row) = (nb * block, device_row_bytes(d, cols));
+    if !cols.is_multiple_of(32) || row == 0 || !src.len().is_multiple_of(row) {
+        return Err(format!("{} bytes are not whole rows of {cols} {d} values", src.len()));
+    }
+    let mut out = vec![0u8; src.len() / row * dev_row];
+    for (s, o) in src.chunks_exact(row).zip(out.chunks_exact_mut(dev_row)) {
+        let (qs, sc) = o.split_at_mut(nb * quants);
+        for (b, blk) in s.chunks_exact(block).enumerate() {
+            sc[b * scale..(b + 1) * scale].copy_from_slice(&blk[..scale]);
+            qs[b * quants..(b + 1) * quants].copy_from_slice(&blk[scale..]);
+        }
+    }
+    Ok(out)
 }
 
 /// Whether the specialized matvec kernels can read this weight's rows (16-byte aligned dense rows).
@@ -926,6 +989,11 @@ impl Backend for CudaBackend {
     fn load_linear(&self, w: Linear) -> Result<Linear, BackendError> {
         let _e = self.enter("load")?;
         let mem = match &w.data {
+            WeightData::Host(bytes) if repacked(w.dtype) => {
+                let packed = repack_rows(w.dtype, w.cols, bytes)
+                    .map_err(|reason| BackendError::InvalidArgument { op: "load", reason: format!("{}: {reason}", w.name) })?;
+                self.upload_bytes("load", &packed)?
+            }
             WeightData::Host(bytes) => self.upload_bytes("load", bytes)?,
             WeightData::Cuda(_) => return Ok(w),
         };
@@ -949,7 +1017,7 @@ impl Backend for CudaBackend {
         // Embedding needs the token ids, not a position: keep the pass's (or the last) position.
         let pos0 = self.pass.lock().unwrap_or_else(|e| e.into_inner()).pos0;
         self.stage_step("embed", pos0, tokens.len(), Some(tokens))?;
-        let (dt, rb, cols) = (dtype_code(table.dtype) as i32, table.dtype.row_bytes(table.cols).unwrap_or(0) as i64, table.cols as i32);
+        let (dt, rb, cols) = (dtype_code(table.dtype) as i32, device_row_bytes(table.dtype, table.cols) as i64, table.cols as i32);
         let (tbl, step, op) = (weight_mem(table, "embed")?.ptr(), self.step_dev.ptr(), o.ptr());
         let grid = (table.cols.div_ceil(256) as u32, tokens.len() as u32, 1);
         self.launch("embed", self.k.embed, grid, 256, &mut args![tbl, dt, rb, cols, step, op])
@@ -1080,11 +1148,11 @@ impl Backend for CudaBackend {
         check_len("matmul", "norm", nm.bytes(), w_gate.cols)?;
         check_len("matmul", &w_gate.name, gm.bytes(), w_gate.rows)?;
         let (wg, wu, out) = (weight_mem(w_gate, "matmul")?.ptr(), weight_mem(w_up, "matmul")?.ptr(), gm.ptr());
-        let (rows, row_bytes, cols) = (w_gate.rows as i32, w_gate.dtype.row_bytes(w_gate.cols).unwrap_or(0) as i64, w_gate.cols as i32);
+        let (rows, row_bytes, cols) = (w_gate.rows as i32, device_row_bytes(w_gate.dtype, w_gate.cols) as i64, w_gate.cols as i32);
         let f = self.k.ffn[dtype_code(w_gate.dtype)];
         let input = self.product_input(xm.ptr(), w_gate, Some((nm.ptr(), norm.eps)))?;
         let (xp, nw, eps, prep, xq, ds) = (input.x, input.norm_w, input.eps, input.prep, input.xq, input.ds);
-        let slices = k_slices(w_gate.rows);
+        let slices = k_slices(w_gate.rows, self.steps_cap(w_gate));
         let (grid, sl) = (self.product_blocks(w_gate.rows.div_ceil(8 / slices)), slices as i32);
         self.launch_smem("matmul", f, (grid, 1, 1), 256, input.smem, &mut args![wg, wu, out, rows, row_bytes, cols, xp, nw, eps, sl, prep, xq, ds])
     }
@@ -1379,11 +1447,17 @@ mod tests {
 
     #[test]
     fn small_matrices_are_split_across_more_warps() {
-        assert_eq!(k_slices(64_128), 1); // output projection, 128256 rows in pairs
-        assert_eq!(k_slices(8192), 1);
-        assert_eq!(k_slices(1024), 4); // 2048 rows in pairs
-        assert_eq!(k_slices(288), 8); // SmolLM2's 576 rows in pairs
-        assert_eq!(k_slices(0), 8);
+        let f16_2048 = warp_steps(DType::F16, 2048);
+        assert_eq!(f16_2048, 8);
+        assert_eq!(k_slices(64_128, f16_2048), 1); // output projection, 128256 rows in pairs
+        assert_eq!(k_slices(8192, f16_2048), 1);
+        assert_eq!(k_slices(1024, f16_2048), 4); // 2048 rows in pairs
+        assert_eq!(k_slices(288, 8), 8); // 576 rows in pairs, with long rows
+        assert_eq!(k_slices(0, 8), 8);
+        // ...but never more slices than a row has steps: SmolLM2's 576-wide rows.
+        assert_eq!(k_slices(288, warp_steps(DType::F16, 576)), 2);
+        assert_eq!(k_slices(288, warp_steps(DType::Q4_1, 576)), 1);
+        assert_eq!(k_slices(768, warp_steps(DType::Q4_0, 2048)), 2);
     }
 
     #[test]
@@ -1419,6 +1493,46 @@ mod tests {
                 Err(e) if e.contains("not installed") => eprintln!("skipped: {e}"),
                 Err(e) => panic!("{arch}: {e}"),
             }
+        }
+    }
+
+    /// The value kernels.cu's `dequant_one` reads at element `i` of a repacked row.
+    fn repacked_value(d: DType, row: &[u8], i: usize, cols: usize) -> f32 {
+        let (nb, b, j) = (cols / 32, i / 32, i % 32);
+        let h = |o: usize| half::f16::from_le_bytes([row[o], row[o + 1]]).to_f32();
+        let nibble = |v: u8| f32::from(if j < 16 { v & 0xF } else { v >> 4 });
+        match d {
+            DType::Q8_0 => h(32 * nb + 2 * b) * f32::from(row[32 * b + j] as i8),
+            DType::Q4_0 => h(16 * nb + 2 * b) * (nibble(row[16 * b + j % 16]) - 8.0),
+            DType::Q4_1 => h(16 * nb + 4 * b) * nibble(row[16 * b + j % 16]) + h(16 * nb + 4 * b + 2),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn repacked_rows_hold_the_same_values_at_aligned_strides() {
+        use crate::backend::cpu::quant::{dequantize_row, quantize_row};
+        // 3 blocks a row: 54, 60 and 102 GGUF bytes, none a multiple of 16.
+        let (rows, cols) = (3, 96);
+        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        for d in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+            let rb = d.row_bytes(cols).unwrap();
+            let mut src = vec![0u8; rows * rb];
+            for (xr, sr) in x.chunks_exact(cols).zip(src.chunks_exact_mut(rb)) {
+                quantize_row(d, xr, sr);
+            }
+            let packed = repack_rows(d, cols, &src).unwrap();
+            let stride = device_row_bytes(d, cols);
+            assert!(stride.is_multiple_of(16) && stride >= rb, "{d}: stride {stride}");
+            assert_eq!(packed.len(), rows * stride, "{d}");
+            for (sr, pr) in src.chunks_exact(rb).zip(packed.chunks_exact(stride)) {
+                let mut want = vec![0f32; cols];
+                dequantize_row(d, sr, &mut want);
+                for (i, w) in want.iter().enumerate() {
+                    assert_eq!(repacked_value(d, pr, i, cols), *w, "{d} element {i}");
+                }
+            }
+            assert!(repack_rows(d, cols, &src[..rb + 1]).is_err(), "{d}: a partial row is refused");
         }
     }
 
