@@ -13,7 +13,8 @@
 #       info       nvidia-smi and the device driftwood picks
 #       zero-copy  bench zero-copy --device cuda (pointer identity, memory, GEMM 128..4096)
 #       parity     CPU vs CUDA logits and greedy tokens: tiny synthesized models in every
-#                  weight format, then the real model
+#                  weight format, then the real model (as shipped, and converted to F16); the
+#                  logits actor on both devices
 #       snapshot   a chat snapshot taken on the CPU continues on CUDA, and back
 #       bench      bench inference --device cuda: Llama-3.2-1B shapes (BF16, F16, Q4_0) and
 #                  SmolLM2-135M shapes (F16, Q4_1), synthesized
@@ -97,7 +98,11 @@ if has parity; then
         check "$BIN" bench parity -m "$(synth llama-3.2-1b "$dt" 1)" --device cuda --steps 16
     done
     if [ -n "$REAL" ] && [ -s "$REAL" ]; then
-        check "$BIN" bench parity -m "$REAL" --device cuda --steps 32
+        # As shipped (8-bit activations: exact agreement is not expected, see BENCHMARKS.md), then
+        # the same weights in F16, where greedy tokens must agree.
+        "$BIN" bench parity -m "$REAL" --device cuda --steps 32 || echo "(the quantized real model is reported, not required to pass)"
+        "$BIN" convert "$REAL" --dtype f16 -o "$MODELS/real-f16.gguf"
+        check "$BIN" bench parity -m "$MODELS/real-f16.gguf" --device cuda --steps 32
     fi
     # The logits actor picks each token in Wasm from logits the host stores into its memory:
     # on CUDA the device writes them there itself. Both devices must pick the same tokens.

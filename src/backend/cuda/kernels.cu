@@ -1,14 +1,18 @@
-// Driftwood's CUDA kernels, compiled at run time with NVRTC (see `module.rs`).
+// Driftwood's CUDA kernels, compiled at run time with NVRTC (see `driver.rs`).
 //
-// Why hand-written: the weights stay in their GGUF block formats in device memory (Q4_0, Q4_K,
-// ...), and no library multiplies those blocks directly; the decode step is memory-bound, so a
-// matrix-vector kernel that dequantizes in registers reads each weight byte exactly once. Dense
-// products of many tokens (prefill) go to cuBLAS after a dequantizing pass.
+// Why hand-written: the weights stay in their block formats in device memory (Q4_0, Q4_K, ...),
+// and no library multiplies those blocks directly, nor with the activation rounding the CPU engine
+// uses (so that both devices compute the same function); the decode step is memory-bound, so a
+// matrix-vector kernel that dequantizes in registers reads each weight byte exactly once, and
+// fusing the RMS norm, RoPE, the cache write, SiLU and the residual add into the products saves
+// launches that cost as much as the small products themselves. Dense products of many tokens
+// (prefill) go to cuBLAS after a dequantizing pass.
 //
-// Conventions: activations are f32, the KV cache f16. Kernels that depend on the token ids or the
-// position read them from `Step` in device memory, never from launch arguments, so a captured
-// decode graph replays unchanged for every token. No CUDA headers are included: f16/bf16
-// conversions are single PTX instructions.
+// Conventions: activations are f32 (rounded per format before products, see `prep_units`), the
+// KV cache f16. Kernels that depend on the token ids or the position read them from `Step` in
+// device memory, never from launch arguments, so a captured decode graph replays unchanged for
+// every token. Every kernel starts with `pdl_wait` (programmatic dependent launch). No CUDA
+// headers are included: f16/bf16 conversions and dp4a are single PTX instructions.
 
 typedef unsigned char u8;
 typedef signed char i8;
@@ -1046,25 +1050,50 @@ extern "C" __global__ void attn_small(const float* q, const u16* kc, const u16* 
     __syncthreads();
     sum = 0.0f;
     for (int w = 0; w < warps; w++) sum += red[w];
-    // Weighted V: warp w takes positions w, w + warps, ...; lane owns the `per` consecutive dims
-    // from lane * per, read in one load, four positions in flight.
-    float a[MAX_HD_PER_LANE];
+    // Weighted V. Where head_dim / 8 is a power of two up to 32 (64, 128, 256), a lane reads 8
+    // dims in one 16-byte load, so a warp covers 32 * 8 / head_dim positions per step (4 for
+    // head_dim 64) and the lanes of one dim chunk are summed at the end; otherwise lanes own
+    // `per` consecutive dims of one position per step. Warps take every warps-th step.
+    const int lpr = head_dim / 8;  // lanes per row in the 16-byte layout
+    if (head_dim % 8 == 0 && lpr <= 32 && (lpr & (lpr - 1)) == 0) {
+        const int rows = 32 / lpr, sub = lane / lpr, chunk = lane % lpr;
+        float a[8];
 #pragma unroll
-    for (int j = 0; j < MAX_HD_PER_LANE; j++) a[j] = 0.0f;
-    const int per = head_dim / 32;
-    const u16* vbase = vc + kvh * head_dim + lane * per;
+        for (int j = 0; j < 8; j++) a[j] = 0.0f;
+        const u16* vbase = vc + kvh * head_dim + chunk * 8;
 #pragma unroll 4
-    for (int p = warp; p < ctx; p += warps) {
-        float v[MAX_HD_PER_LANE];
-        load_halves(vbase + (i64)p * kv_dim, per, v);
-        const float e = sc[p];
+        for (int p = warp * rows + sub; p < ctx; p += warps * rows) {
+            float v[8];
+            load_halves(vbase + (i64)p * kv_dim, 8, v);
+            const float e = sc[p];
+#pragma unroll
+            for (int j = 0; j < 8; j++) a[j] += e * v[j];
+        }
+        for (int o = lpr; o < 32; o <<= 1)
+#pragma unroll
+            for (int j = 0; j < 8; j++) a[j] += __shfl_xor_sync(0xffffffffu, a[j], o);
+        if (sub == 0)
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc_s[warp][chunk * 8 + j] = a[j];
+    } else {
+        float a[MAX_HD_PER_LANE];
+#pragma unroll
+        for (int j = 0; j < MAX_HD_PER_LANE; j++) a[j] = 0.0f;
+        const int per = head_dim / 32;
+        const u16* vbase = vc + kvh * head_dim + lane * per;
+#pragma unroll 4
+        for (int p = warp; p < ctx; p += warps) {
+            float v[MAX_HD_PER_LANE];
+            load_halves(vbase + (i64)p * kv_dim, per, v);
+            const float e = sc[p];
+#pragma unroll
+            for (int j = 0; j < MAX_HD_PER_LANE; j++)
+                if (j < per) a[j] += e * v[j];
+        }
 #pragma unroll
         for (int j = 0; j < MAX_HD_PER_LANE; j++)
-            if (j < per) a[j] += e * v[j];
+            if (j < per) acc_s[warp][lane * per + j] = a[j];
     }
-#pragma unroll
-    for (int j = 0; j < MAX_HD_PER_LANE; j++)
-        if (j < per) acc_s[warp][lane * per + j] = a[j];
     __syncthreads();
     const float inv = 1.0f / sum;
     for (int d = tid; d < head_dim; d += blockDim.x) {

@@ -593,7 +593,7 @@ impl CudaBackend {
         let cols = w0.cols as i32;
         let add = add as i32;
         // Pairs of rows, each pair on `slices` warps of an 8-warp block.
-        let slices = k_slices(rows / 2, self.steps_cap(w0));
+        let slices = k_slices(rows / 2, self.steps_cap(w0), self.max_blocks);
         let grid = self.product_blocks((rows / 2).div_ceil(8 / slices));
         let sl = slices as i32;
         let f = self.k.matvec[dtype_code(w0.dtype)];
@@ -691,10 +691,15 @@ impl CudaBackend {
 
 /// Warps that share a group of rows (1, 2, 4 or 8; the k-slices): enough that a launch has some
 /// 4096 warps streaming weights, so small matrices still fill the GPU's memory pipeline.
-/// No more warps than a row has loop steps (`steps`), so that every slice has work.
-fn k_slices(row_groups: usize, steps: usize) -> usize {
+/// No more warps than a row has loop steps (`steps`), so that every slice has work, and no more
+/// than keep the row groups (8 / S row pairs or rows each) within one wave of `max_blocks` blocks
+/// (0: no bound), so that no block works through two groups while others idle.
+fn k_slices(row_groups: usize, steps: usize, max_blocks: usize) -> usize {
     let want = 4096usize.div_ceil(row_groups.max(1));
-    let s = [1, 2, 4, 8].into_iter().find(|&s| s >= want).unwrap_or(8);
+    let mut s = [1, 2, 4, 8].into_iter().find(|&s| s >= want).unwrap_or(8);
+    while s > 1 && max_blocks > 0 && (row_groups * s).div_ceil(8) > max_blocks {
+        s /= 2;
+    }
     let most = [8, 4, 2, 1].into_iter().find(|&m| m <= steps.max(1)).unwrap_or(1);
     s.min(most)
 }
@@ -1152,7 +1157,7 @@ impl Backend for CudaBackend {
         let f = self.k.ffn[dtype_code(w_gate.dtype)];
         let input = self.product_input(xm.ptr(), w_gate, Some((nm.ptr(), norm.eps)))?;
         let (xp, nw, eps, prep, xq, ds) = (input.x, input.norm_w, input.eps, input.prep, input.xq, input.ds);
-        let slices = k_slices(w_gate.rows, self.steps_cap(w_gate));
+        let slices = k_slices(w_gate.rows, self.steps_cap(w_gate), self.max_blocks);
         let (grid, sl) = (self.product_blocks(w_gate.rows.div_ceil(8 / slices)), slices as i32);
         self.launch_smem("matmul", f, (grid, 1, 1), 256, input.smem, &mut args![wg, wu, out, rows, row_bytes, cols, xp, nw, eps, sl, prep, xq, ds])
     }
@@ -1449,15 +1454,19 @@ mod tests {
     fn small_matrices_are_split_across_more_warps() {
         let f16_2048 = warp_steps(DType::F16, 2048);
         assert_eq!(f16_2048, 8);
-        assert_eq!(k_slices(64_128, f16_2048), 1); // output projection, 128256 rows in pairs
-        assert_eq!(k_slices(8192, f16_2048), 1);
-        assert_eq!(k_slices(1024, f16_2048), 4); // 2048 rows in pairs
-        assert_eq!(k_slices(288, 8), 8); // 576 rows in pairs, with long rows
-        assert_eq!(k_slices(0, 8), 8);
-        // ...but never more slices than a row has steps: SmolLM2's 576-wide rows.
-        assert_eq!(k_slices(288, warp_steps(DType::F16, 576)), 2);
-        assert_eq!(k_slices(288, warp_steps(DType::Q4_1, 576)), 1);
-        assert_eq!(k_slices(768, warp_steps(DType::Q4_0, 2048)), 2);
+        let wave = 4 * 132; // an H100/H200 at 4 blocks per SM
+        assert_eq!(k_slices(64_128, f16_2048, wave), 1); // output projection, 128256 rows in pairs
+        assert_eq!(k_slices(8192, f16_2048, wave), 1);
+        assert_eq!(k_slices(1024, f16_2048, wave), 4); // 2048 rows in pairs: 512 groups, one wave
+        assert_eq!(k_slices(288, 8, 0), 8); // 576 rows in pairs, with long rows
+        assert_eq!(k_slices(0, 8, 0), 8);
+        // ...never more slices than a row has steps: SmolLM2's 576-wide rows...
+        assert_eq!(k_slices(288, warp_steps(DType::F16, 576), wave), 2);
+        assert_eq!(k_slices(288, warp_steps(DType::Q4_1, 576), wave), 1);
+        assert_eq!(k_slices(768, warp_steps(DType::Q4_0, 2048), wave), 2);
+        // ...and no more than one wave of groups: Llama-3.2-1B's q/k/v, 3072 rows in pairs.
+        assert_eq!(k_slices(1536, f16_2048, wave), 2);
+        assert_eq!(k_slices(1536, f16_2048, 0), 4);
     }
 
     #[test]
