@@ -182,10 +182,8 @@ impl Reencode<'_> {
         if src.len() != rows * src_row {
             return Err(invalid(format!("{} bytes for {rows} rows of {cols} {from}, expected {}", src.len(), rows * src_row)));
         }
-        let batch_rows = (BATCH_BYTES / dst_row).clamp(1, rows);
-        let batch = |first: usize, buf: &mut Vec<u8>| {
-            let n = batch_rows.min(rows - first);
-            buf.resize(n * dst_row, 0);
+        let fill = |first: usize, buf: &mut [u8]| {
+            let n = buf.len() / dst_row;
             let src = &src[first * src_row..(first + n) * src_row];
             buf.par_chunks_mut(dst_row).zip(src.par_chunks(src_row)).with_min_len(8).for_each_init(
                 || vec![0f32; cols],
@@ -195,23 +193,7 @@ impl Reencode<'_> {
                 },
             );
         };
-        let [current, next] = buffers;
-        batch(0, current);
-        let mut first = 0;
-        while first < rows {
-            let after = first + current.len() / dst_row;
-            let written = if after < rows {
-                let (written, ()) = rayon::join(|| out.write_all(current), || batch(after, next));
-                written
-            } else {
-                out.write_all(current)
-            };
-            written?;
-            progress(current.len() as u64);
-            std::mem::swap(current, next);
-            first = after;
-        }
-        Ok(())
+        crate::engine::gguf::stream_batches(out, rows, dst_row, BATCH_BYTES, buffers, progress, &fill)
     }
 }
 

@@ -706,6 +706,47 @@ enum TensorData<'a> {
     Streamed(TensorFill<'a>),
 }
 
+/// Writes `rows` packed rows of `row_bytes` each to `out` in batches of about `batch_bytes`,
+/// producing the next batch (`fill(first_row, buf)`) while the current one is written, for the
+/// streamed tensors of [`GgufWriter::add_tensor_streamed`]. `progress` gets the bytes of each batch
+/// written. The two batch buffers are reused from tensor to tensor (no fresh pages to zero for
+/// each); their old contents are overwritten.
+pub(crate) fn stream_batches(
+    out: &mut (dyn Write + Send),
+    rows: usize,
+    row_bytes: usize,
+    batch_bytes: usize,
+    buffers: &mut [Vec<u8>; 2],
+    progress: &dyn Fn(u64),
+    fill: &(dyn Fn(usize, &mut [u8]) + Sync),
+) -> std::io::Result<()> {
+    if rows == 0 || row_bytes == 0 {
+        return Ok(());
+    }
+    let batch_rows = (batch_bytes / row_bytes).clamp(1, rows);
+    let batch = |first: usize, buf: &mut Vec<u8>| {
+        buf.resize(batch_rows.min(rows - first) * row_bytes, 0);
+        fill(first, buf);
+    };
+    let [current, next] = buffers;
+    batch(0, current);
+    let mut first = 0;
+    while first < rows {
+        let after = first + current.len() / row_bytes;
+        let written = if after < rows {
+            let (written, ()) = rayon::join(|| out.write_all(current), || batch(after, next));
+            written
+        } else {
+            out.write_all(current)
+        };
+        written?;
+        progress(current.len() as u64);
+        std::mem::swap(current, next);
+        first = after;
+    }
+    Ok(())
+}
+
 /// A tensor waiting to be written.
 struct PendingTensor<'a> {
     name: String,

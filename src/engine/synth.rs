@@ -362,31 +362,7 @@ impl RandomMatrix {
     /// are reused from matrix to matrix (no fresh pages to zero for every tensor); their old
     /// contents are overwritten.
     fn stream(&self, out: &mut (dyn Write + Send), progress: &dyn Fn(u64), buffers: &mut [Vec<u8>; 2]) -> std::io::Result<()> {
-        let row_bytes = self.row_bytes();
-        let batch_rows = (BATCH_BYTES / row_bytes.max(1)).clamp(1, self.rows.max(1));
-        let batch = |first: usize, buf: &mut Vec<u8>| {
-            buf.resize(batch_rows.min(self.rows - first) * row_bytes, 0);
-            self.fill(first, buf);
-        };
-        let [current, next] = buffers;
-        let mut first = 0;
-        if self.rows > 0 {
-            batch(0, current);
-        }
-        while first < self.rows {
-            let after = first + current.len() / row_bytes;
-            let written = if after < self.rows {
-                let (written, ()) = rayon::join(|| out.write_all(current), || batch(after, next));
-                written
-            } else {
-                out.write_all(current)
-            };
-            written?;
-            progress(current.len() as u64);
-            std::mem::swap(current, next);
-            first = after;
-        }
-        Ok(())
+        crate::engine::gguf::stream_batches(out, self.rows, self.row_bytes(), BATCH_BYTES, buffers, progress, &|first, buf| self.fill(first, buf))
     }
 }
 
