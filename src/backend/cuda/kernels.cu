@@ -265,7 +265,17 @@ __device__ void prep_units(const float* __restrict__ x, int cols, float scale, c
             const float iscale = amax != 0.0f ? -127.0f / big : 0.0f;
             const float d = amax != 0.0f ? 1.0f / iscale : 0.0f;
 #pragma unroll
-            for (int j = 0; j < 8; j++) y[256 * u + lane + 32 * j] = d * (float)min(__float2int_rn(iscale * v[j]), 127);
+            for (int j = 0; j < 8; j++) {
+                const int i = 256 * u + lane + 32 * j, q = min(__float2int_rn(iscale * v[j]), 127);
+                y[i] = d * (float)q;
+                if (q8 != nullptr) {
+                    // Value j of every lane makes up 32-value group j of the super-block: its
+                    // quants, and (d, sum of its quants) per group for the Q4_K dp4a product.
+                    q8[i] = (i8)q;
+                    const int sum = warp_sum_i(q);
+                    if (lane == 0) ds[8 * u + j] = make_float2(d, (float)sum);
+                }
+            }
         }
         return;
     }
@@ -541,6 +551,35 @@ __device__ __forceinline__ void dot_q8act(const u8* const* rows, int cols, const
     }
 }
 
+// Q4_K rows times Q8_K activations (act_prep's xq, and ds = per 32-value group (d_x, sum of its
+// quants)): one lane per group, integer dot products (dp4a) scaled by d * scale and the min term
+// from the group sum, as ggml's vec_dot_q4_K_q8_K computes them.
+template <int NR>
+__device__ __forceinline__ void dot_q4k_q8(const u8* const* rows, int cols, const i8* __restrict__ xq, const float2* __restrict__ ds, int lane, int ks, int S,
+                                           float* acc) {
+    const int groups = cols / 32;
+    for (int g = ks * 32 + lane; g < groups; g += 32 * S) {
+        // Sub-blocks 2j and 2j + 1 share 32 quant bytes: low nibbles, then high nibbles.
+        const int sub = g % 8, shift = 4 * (sub & 1);
+        const int4 x0 = ((const int4*)(xq + 32 * g))[0], x1 = ((const int4*)(xq + 32 * g))[1];
+        const int xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        const float2 dx = ds[g];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const u8* b = rows[r] + 144 * (g / 8);
+            const uint4* qv = (const uint4*)(b + 16 + 32 * (sub / 2));
+            const uint4 q0 = qv[0], q1 = qv[1];
+            const u32 qs[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+            int sum = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++) sum = dp4a((int)((qs[k] >> shift) & 0x0F0F0F0Fu), xs[k], sum);
+            float sc, m;
+            scale_min_k4(sub, b + 4, &sc, &m);
+            acc[r] += ld_h(b) * sc * dx.x * (float)sum - ld_h(b + 2) * m * dx.x * dx.y;
+        }
+    }
+}
+
 // One lane's share of the dot products of NR rows with x over k-slice `ks` of `S` (summed over
 // the warp, then over the slices, by the caller).
 template <int DT, int NR>
@@ -552,8 +591,10 @@ __device__ __forceinline__ void row_dots(const u8* const* rows, int cols, const 
         dot_dense<DT, NR>(rows, cols, x, rx, lane, ks, S, acc);
     } else if (DT == DT_Q4_0 || DT == DT_Q4_1 || DT == DT_Q8_0) {
         dot_q8act<DT, NR>(rows, cols, xq, ds, lane, ks, S, acc);
+    } else if (DT == DT_Q4_K && xq != nullptr) {
+        dot_q4k_q8<NR>(rows, cols, xq, ds, lane, ks, S, acc);
     } else {
-        // K-quants: one lane per 32-value group.
+        // Other K-quants: one lane per 32-value group, on act_prep's f32 values.
         for (int g = ks * 32 + lane; g < cols / 32; g += 32 * S)
 #pragma unroll
             for (int r = 0; r < NR; r++) acc[r] += dot_group<DT>(rows[r], g, x);

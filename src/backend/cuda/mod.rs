@@ -548,7 +548,7 @@ impl CudaBackend {
         let (values, quants) = (n * cols * 4, (n * cols).next_multiple_of(16));
         let buf = self.scratch("matmul", |s| &mut s.act, values + quants + n * cols.div_ceil(32) * 8)?;
         let (y, q8, ds) = (buf, buf + values as u64, buf + (values + quants) as u64);
-        let (q8, ds) = if ak == AK_Q8 { (q8, ds) } else { (0, 0) };
+        let (q8, ds) = if ak >= AK_Q8 { (q8, ds) } else { (0, 0) };
         let (nw, eps) = norm.unwrap_or((0, 0.0));
         let (c, aki) = (cols as i32, ak as i32);
         let units = cols.div_ceil(if ak == AK_Q8K { 256 } else { 32 });
@@ -753,8 +753,9 @@ struct ProductInput {
     smem: u32,
 }
 
-/// Activations `act_prep` wrote: rounded values, and for 8-bit blocks of 32 the quants and
-/// per-block (d, s) pairs (0 otherwise).
+/// Activations `act_prep` wrote: rounded values, and for 8-bit activations the quants and a pair
+/// per 32 values: (d, s) of each Q8 block, or (d of the super-block, sum of the group's quants)
+/// for Q8_K (0 otherwise).
 struct Prepared {
     y: CUdeviceptr,
     q8: CUdeviceptr,
