@@ -360,32 +360,12 @@ __device__ __forceinline__ void nib4(u32 q, const float* xl, const float* xh, fl
     *hi += (float)((q >> 4) & 0xF) * xh[0] + (float)((q >> 12) & 0xF) * xh[1] + (float)((q >> 20) & 0xF) * xh[2] + (float)(q >> 28) * xh[3];
 }
 
-// Dot of 32-value group `g` of a row with x[32g .. 32g+32) (dense and K-quant rows; repacked
-// Q4/Q8_0 rows go through dot_q8act).
+// Dot of 32-value group `g` of a K-quant row (Q4_K, Q5_K, Q6_K) with act_prep's f32 values
+// x[32g .. 32g+32). (Dense rows go through dot_dense, repacked Q4/Q8_0 rows through dot_q8act.)
 template <int DT>
 __device__ __forceinline__ float dot_group(const u8* row, int g, const float* __restrict__ x) {
     const float* xg = x + 32 * g;
-    if (DT == DT_F32) {
-        const float4* w = (const float4*)(row + 128 * g);
-        const float4* xv = (const float4*)xg;
-        float s = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            float4 a = w[k], b = xv[k];
-            s += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-        }
-        return s;
-    } else if (DT == DT_F16 || DT == DT_BF16) {
-        const uint4* w = (const uint4*)(row + 64 * g);
-        const float4* xv = (const float4*)xg;
-        uint4 ws[4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) ws[k] = w[k];
-        float s = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 4; k++) s += DT == DT_F16 ? dot8_h(ws[k], xv[2 * k], xv[2 * k + 1]) : dot8_bf(ws[k], xv[2 * k], xv[2 * k + 1]);
-        return s;
-    } else if (DT == DT_Q4_K || DT == DT_Q5_K) {
+    if (DT == DT_Q4_K || DT == DT_Q5_K) {
         const bool five = DT == DT_Q5_K;
         const u8* b = row + (five ? 176 : 144) * (g / 8);
         int sub = g % 8;

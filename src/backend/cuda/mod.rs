@@ -143,7 +143,7 @@ struct Scratch {
     weights: Option<DevMem>,
     /// Attention partial results.
     partials: Option<DevMem>,
-    /// Activations prepared for a product (normalized and rounded, see `prep_act`).
+    /// Activations prepared for a product (normalized and rounded, see `act_prep`).
     act: Option<DevMem>,
     generation: u64,
 }
@@ -508,11 +508,11 @@ impl CudaBackend {
         }
         // Each weight sees the activations rounded as the CPU engine rounds them for its format;
         // q/k/v (or gate/up) of one format share one preparation.
-        let mut prepared: Option<(usize, CUdeviceptr)> = None;
+        let mut prepared: Option<((usize, usize), CUdeviceptr)> = None;
         for (w, &y) in ws.iter().zip(ys) {
-            let kind = act_kind(w.dtype);
+            let kind = (act_kind(w.dtype), w.cols);
             let xin = match prepared {
-                _ if kind == AK_F32 => x,
+                _ if kind.0 == AK_F32 => x,
                 Some((k, p)) if k == kind => p,
                 _ => {
                     let p = self.prepare(x, n, w.cols, None, w.dtype)?.y;
