@@ -101,7 +101,7 @@ if has parity; then
         # As shipped (8-bit activations: exact agreement is not expected, see BENCHMARKS.md), then
         # the same weights in F16, where greedy tokens must agree.
         "$BIN" bench parity -m "$REAL" --device cuda --steps 32 || echo "(the quantized real model is reported, not required to pass)"
-        "$BIN" convert "$REAL" --dtype f16 -o "$MODELS/real-f16.gguf"
+        check "$BIN" convert "$REAL" --dtype f16 -o "$MODELS/real-f16.gguf"
         check "$BIN" bench parity -m "$MODELS/real-f16.gguf" --device cuda --steps 32
     fi
     # The logits actor picks each token in Wasm from logits the host stores into its memory:
