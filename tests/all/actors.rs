@@ -43,12 +43,16 @@ fn logits_actor_samples_in_wasm_from_logits_in_its_memory() {
     // except one at step 14 (gap 0.005), which our engine resolves the same way (see model.rs).
     let case = reference_case("capital_france");
     let want: Vec<u64> = case["greedy_ids"].as_array().unwrap().iter().take(24).map(|v| v.as_u64().unwrap()).collect();
-    let r = run(&["run", example_wasm("logits").to_str().unwrap(), "-p", case["text"].as_str().unwrap()]);
+    let r = run(&["run", example_wasm("logits").to_str().unwrap(), "--verbose", "-p", case["text"].as_str().unwrap()]);
     r.assert_code(0);
     let line = r.stdout.lines().find(|l| l.starts_with("tokens=")).unwrap_or_else(|| panic!("{}", r.stdout));
     let got: Vec<u64> = serde_json::from_str(line.trim_start_matches("tokens=")).unwrap();
     assert_eq!(got, want);
     assert!(r.stdout.starts_with(" Paris."), "{}", r.stdout);
+    // One eval for the prompt and one per generated token; on the CPU the host copies the logits
+    // into the actor (a GPU stores them there itself).
+    let summary = r.stderr.lines().find(|l| l.contains("model calls")).unwrap_or_else(|| panic!("{}", r.stderr));
+    assert!(summary.contains(&format!("{} model calls", want.len() + 1)) && summary.contains("0 logits vectors stored by cpu"), "{summary}");
 }
 
 #[test]
