@@ -18,6 +18,8 @@ use crate::engine::dtype::DType;
 pub enum DeviceSpec {
     Auto,
     Cpu,
+    /// The CPU with its kernels at a given SIMD level (`cpu:scalar`, `cpu:avx2`, `cpu:avx512`).
+    CpuIsa(cpu::quant::Isa),
     Cuda(usize),
 }
 
@@ -29,10 +31,17 @@ impl std::str::FromStr for DeviceSpec {
             "auto" => Ok(DeviceSpec::Auto),
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
-            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
-                _ => Err(format!("unknown device '{other}': expected auto, cpu, cuda or cuda:N")),
-            },
+            other => {
+                if let Some(isa) = other.strip_prefix("cpu:") {
+                    return cpu::quant::Isa::parse(isa)
+                        .map(DeviceSpec::CpuIsa)
+                        .ok_or_else(|| format!("unknown CPU level '{isa}': expected cpu:scalar, cpu:avx2 or cpu:avx512"));
+                }
+                match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                    Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                    _ => Err(format!("unknown device '{other}': expected auto, cpu, cpu:ISA, cuda or cuda:N")),
+                }
+            }
         }
     }
 }
@@ -364,6 +373,7 @@ pub struct Rope {
 pub fn open(spec: DeviceSpec, threads: Option<usize>) -> Result<Arc<dyn Backend>, BackendError> {
     match spec {
         DeviceSpec::Cpu => Ok(Arc::new(cpu::CpuBackend::new(threads))),
+        DeviceSpec::CpuIsa(isa) => Ok(Arc::new(cpu::CpuBackend::with_isa(threads, isa)?)),
         DeviceSpec::Cuda(n) => Ok(Arc::new(cuda::CudaBackend::new(n)?)),
         DeviceSpec::Auto => {
             if cuda::unavailable_reason(0).is_none() {

@@ -27,7 +27,8 @@ pub struct ParityArgs {
     /// Model: registry name, .gguf file or Hugging Face folder
     #[arg(short, long, default_value = "smollm2-135m")]
     pub model: String,
-    /// The device to check against the CPU
+    /// The device to check against the CPU: cuda, cuda:N, or cpu:scalar|avx2|avx512 (the CPU's
+    /// own kernels at another SIMD level, a yardstick for what the order of float additions does)
     #[arg(long, default_value = "cuda")]
     pub device: DeviceSpec,
     /// CPU worker threads for the reference (default: all cores)
@@ -99,7 +100,7 @@ pub struct BenchModel {
     /// Model: registry name, .gguf file or Hugging Face folder
     #[arg(short, long, default_value = "smollm2-135m")]
     pub model: String,
-    /// Compute device: auto, cpu, cuda or cuda:N
+    /// Compute device: auto, cpu, cuda or cuda:N (cpu:scalar, cpu:avx2, cpu:avx512 pick the CPU kernels' SIMD level, for comparisons)
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
     /// CPU worker threads (default: all cores)
@@ -238,7 +239,7 @@ pub struct ZeroCopyArgs {
     /// Square GEMM sizes to measure [default: 128,512,1024 on the CPU; up to 4096 on a GPU]
     #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<usize>,
-    /// Compute device: auto, cpu, cuda or cuda:N
+    /// Compute device: auto, cpu, cuda or cuda:N (cpu:scalar, cpu:avx2, cpu:avx512 pick the CPU kernels' SIMD level, for comparisons)
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
     /// CPU worker threads (default: all cores)

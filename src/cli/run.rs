@@ -48,7 +48,7 @@ pub struct RuntimeArgs {
     /// stopped with exit code 1
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = super::parse_duration)]
     pub timeout: Duration,
-    /// Compute device: auto, cpu, cuda or cuda:N
+    /// Compute device: auto, cpu, cuda or cuda:N (cpu:scalar, cpu:avx2, cpu:avx512 pick the CPU kernels' SIMD level, for comparisons)
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: DeviceSpec,
     /// CPU worker threads (default: all cores)

@@ -177,5 +177,8 @@ fn cuda_without_a_driver_is_a_clear_error_and_auto_falls_back_to_the_cpu() {
     assert!(r.stdout.contains("hi"), "{}", r.stdout);
     let r = run(&["run", echo, "--device", "gpu", "--prompt", "hi"]);
     r.assert_code(2);
-    assert!(r.stderr.contains("expected auto, cpu, cuda or cuda:N"), "{}", r.stderr);
+    assert!(r.stderr.contains("expected auto, cpu, cpu:ISA, cuda or cuda:N"), "{}", r.stderr);
+    let r = run(&["run", echo, "--device", "cpu:avx9", "--prompt", "hi"]);
+    r.assert_code(2);
+    assert!(r.stderr.contains("unknown CPU level 'avx9'"), "{}", r.stderr);
 }

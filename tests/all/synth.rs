@@ -175,3 +175,22 @@ fn synth_cli_refuses_unknown_shapes_and_formats_that_do_not_fit() {
     assert!(r.stderr.contains("0 layers, expected 1 to 1024"), "{}", r.stderr);
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "a refused request leaves no file");
 }
+
+#[test]
+fn parity_against_the_cpus_own_scalar_kernels_differs_only_by_float_order_on_f32_weights() {
+    let dir = temp_dir();
+    let path = dir.path().join("f32.gguf");
+    let p = path.to_str().unwrap();
+    run(&["synth", "--shape", "smollm2-135m", "--dtype", "f32", "--layers", "1", "-o", p]).assert_code(0);
+    // The reference runs the CPU's best kernels; the device under test the portable ones.
+    let r = run(&["bench", "parity", "-m", p, "--device", "cpu:scalar", "--steps", "4", "--json"]);
+    r.assert_code(0);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    assert!(report["device"].as_str().unwrap().ends_with("scalar)"), "{}", report["device"]);
+    assert_eq!(report["tokens_agree"].as_u64(), Some(5));
+    let err = report["max_rel_err"].as_f64().unwrap();
+    assert!(err < 1e-4, "f32 weights, no activation rounding: only the order of additions differs, got {err}");
+    if driftwood::backend::cpu::quant::Isa::best() > driftwood::backend::cpu::quant::Isa::Scalar {
+        assert!(err > 0.0, "the scalar kernels ran as the SIMD ones: the level was not applied");
+    }
+}

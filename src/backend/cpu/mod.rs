@@ -26,11 +26,29 @@ pub struct CpuBackend {
     /// Compute threads. Work is dispatched from inside the pool (see [`Backend::install`]):
     /// a parallel call from a foreign thread costs ~12 µs, from inside ~0.1 µs.
     pool: rayon::ThreadPool,
+    /// The SIMD level of this backend's kernels.
+    isa: quant::Isa,
 }
 
 impl CpuBackend {
-    /// `threads`: worker threads for compute (default: all cores).
+    /// `threads`: worker threads for compute (default: all cores). The kernels use the best SIMD
+    /// level the CPU has, capped by `DRIFTWOOD_CPU_ISA`.
     pub fn new(threads: Option<usize>) -> CpuBackend {
+        Self::build(threads, quant::isa())
+    }
+
+    /// A backend whose kernels use `isa` (`--device cpu:avx2`, ...): every level computes the same
+    /// products up to the order of float additions, so this is for comparisons. Fails when the
+    /// CPU lacks it.
+    pub fn with_isa(threads: Option<usize>, isa: quant::Isa) -> Result<CpuBackend, BackendError> {
+        let best = quant::Isa::best();
+        if isa > best {
+            return Err(BackendError::NotAvailable { device: format!("cpu:{}", isa.name()), reason: format!("this CPU's best SIMD level is {}", best.name()) });
+        }
+        Ok(Self::build(threads, isa))
+    }
+
+    fn build(threads: Option<usize>, isa: quant::Isa) -> CpuBackend {
         let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -41,12 +59,13 @@ impl CpuBackend {
         CpuBackend {
             info: DeviceInfo {
                 kind: DeviceKind::Cpu,
-                name: format!("cpu ({threads} threads, {})", quant::isa().name()),
+                name: format!("cpu ({threads} threads, {})", isa.name()),
                 can_use_host_pointer: true,
                 parallelism: threads,
             },
             xq: Mutex::new(Vec::new()),
             pool,
+            isa,
         }
     }
 }
@@ -165,7 +184,7 @@ impl Backend for CpuBackend {
         let cols = first.cols;
         check_len("matmul", "input", x.len(), n_tokens * cols)?;
         let mut xq = self.xq.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-        xq.quantize_batch(first.dtype, &x[..n_tokens * cols], n_tokens, cols);
+        xq.quantize_batch_with(self.isa, first.dtype, &x[..n_tokens * cols], n_tokens, cols);
         let result = self.products(ws, outs, n_tokens, cols, &xq);
         self.xq.lock().unwrap_or_else(|e| e.into_inner()).push(xq);
         result
@@ -186,7 +205,7 @@ impl Backend for CpuBackend {
         check_len("attention", "k", k.len(), shape.n_tokens * kvd)?;
         check_len("attention", "v", v.len(), shape.n_tokens * kvd)?;
         check_len("attention", "output", out.len(), shape.n_tokens * qd)?;
-        ops::attention(q, k, v, kv, out, shape)
+        ops::attention(self.isa, q, k, v, kv, out, shape)
     }
 
     fn silu_mul(&self, gate: &mut Buffer, up: &Buffer, n: usize) -> Result<(), BackendError> {
@@ -246,12 +265,12 @@ impl CpuBackend {
             }
             // Fixed-size job lists: no allocation per token.
             match (ws, outs) {
-                ([a], [ya]) => quant::matvec_many(&mut [make(a, ya)?], cols, xq),
-                ([a, b], [ya, yb]) => quant::matvec_many(&mut [make(a, ya)?, make(b, yb)?], cols, xq),
-                ([a, b, c], [ya, yb, yc]) => quant::matvec_many(&mut [make(a, ya)?, make(b, yb)?, make(c, yc)?], cols, xq),
+                ([a], [ya]) => quant::matvec_many_with(self.isa, &mut [make(a, ya)?], cols, xq),
+                ([a, b], [ya, yb]) => quant::matvec_many_with(self.isa, &mut [make(a, ya)?, make(b, yb)?], cols, xq),
+                ([a, b, c], [ya, yb, yc]) => quant::matvec_many_with(self.isa, &mut [make(a, ya)?, make(b, yb)?, make(c, yc)?], cols, xq),
                 (ws, outs) => {
                     for (w, out) in ws.iter().zip(outs.iter_mut()) {
-                        quant::matvec_many(&mut [make(w, out)?], cols, xq);
+                        quant::matvec_many_with(self.isa, &mut [make(w, out)?], cols, xq);
                     }
                 }
             }
@@ -259,7 +278,7 @@ impl CpuBackend {
             for (w, out) in ws.iter().zip(outs.iter_mut()) {
                 let y = cpu_mut(out, "matmul")?;
                 check_len("matmul", &w.name, y.len(), w.rows * n_tokens)?;
-                quant::matmul(w.dtype, weight_bytes(w, "matmul")?, w.rows, cols, xq, n_tokens, &mut y[..w.rows * n_tokens]);
+                quant::matmul_with(self.isa, w.dtype, weight_bytes(w, "matmul")?, w.rows, cols, xq, n_tokens, &mut y[..w.rows * n_tokens]);
             }
         }
         Ok(())

@@ -39,6 +39,21 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Parses the names `DRIFTWOOD_CPU_ISA` and `--device cpu:ISA` take.
+    pub fn parse(s: &str) -> Option<Isa> {
+        match s {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" | "avx512-vnni" => Some(Isa::Avx512),
+            _ => None,
+        }
+    }
+
+    /// The best level this CPU has.
+    pub fn best() -> Isa {
+        detect_isa()
+    }
+
     /// Short name for benchmark reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -696,6 +711,11 @@ impl QuantizedActivations {
     /// Panics if `x.len() != n_tokens * cols` or `cols` is not a multiple of the weight type's
     /// block size (caller bugs: shapes are validated at model load).
     pub fn quantize_batch(&mut self, weight_dtype: DType, x: &[f32], n_tokens: usize, cols: usize) {
+        self.quantize_batch_with(isa(), weight_dtype, x, n_tokens, cols);
+    }
+
+    /// [`QuantizedActivations::quantize_batch`] with the kernels of `isa` (at most the CPU's).
+    pub fn quantize_batch_with(&mut self, isa: Isa, weight_dtype: DType, x: &[f32], n_tokens: usize, cols: usize) {
         assert_eq!(x.len(), n_tokens * cols, "quantize_batch: {n_tokens} tokens × {cols} cols");
         assert!(
             cols.is_multiple_of(weight_dtype.block_elems()),
@@ -726,7 +746,7 @@ impl QuantizedActivations {
                 self.q.resize(n, 0);
                 self.ds1.resize(2 * nb, 0.0);
                 self.ds0.resize(2 * nb, 0.0);
-                quantize_q8_act(isa(), x, &mut self.q, &mut self.ds1, &mut self.ds0);
+                quantize_q8_act(isa, x, &mut self.q, &mut self.ds1, &mut self.ds0);
                 self.q_pair.resize(n, 0);
                 pair_order(&self.q, &mut self.q_pair, cols);
             }
@@ -1084,7 +1104,8 @@ pub fn matvec_many(jobs: &mut [MatvecJob<'_>], cols: usize, xq: &QuantizedActiva
     matvec_many_with(isa(), jobs, cols, xq);
 }
 
-fn matvec_many_with(isa: Isa, jobs: &mut [MatvecJob<'_>], cols: usize, xq: &QuantizedActivations) {
+/// [`matvec_many`] with the kernels of `isa` (at most the CPU's).
+pub fn matvec_many_with(isa: Isa, jobs: &mut [MatvecJob<'_>], cols: usize, xq: &QuantizedActivations) {
     let mut total = 0usize;
     for job in jobs.iter() {
         xq.check("matvec_many", job.dtype, cols, 1);
@@ -1134,7 +1155,8 @@ pub fn matmul(dtype: DType, w: &[u8], rows: usize, cols: usize, xq: &QuantizedAc
 }
 
 #[allow(clippy::too_many_arguments)]
-fn matmul_with(isa: Isa, dtype: DType, w: &[u8], rows: usize, cols: usize, xq: &QuantizedActivations, n_tokens: usize, y: &mut [f32]) {
+/// [`matmul`] with the kernels of `isa` (at most the CPU's).
+pub fn matmul_with(isa: Isa, dtype: DType, w: &[u8], rows: usize, cols: usize, xq: &QuantizedActivations, n_tokens: usize, y: &mut [f32]) {
     xq.check("matmul", dtype, cols, n_tokens);
     let rb = row_bytes_checked("matmul", dtype, w, rows, cols);
     assert_eq!(y.len(), rows * n_tokens, "matmul: output has {} values, expected {rows} × {n_tokens}", y.len());
