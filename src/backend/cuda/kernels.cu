@@ -353,13 +353,6 @@ __device__ __forceinline__ float dot8_bf(uint4 w, float4 a, float4 b) {
            __uint_as_float(w.w << 16) * b.z + __uint_as_float(w.w & 0xffff0000u) * b.w;
 }
 
-// Sum over 8 nibbles of `q` (low nibble first in each byte: values j and j+16 of a block live in
-// one byte, so the low nibbles of 4 bytes pair with x[j..j+4], the high ones with x[j+16..j+20]).
-__device__ __forceinline__ void nib4(u32 q, const float* xl, const float* xh, float* lo, float* hi) {
-    *lo += (float)(q & 0xF) * xl[0] + (float)((q >> 8) & 0xF) * xl[1] + (float)((q >> 16) & 0xF) * xl[2] + (float)((q >> 24) & 0xF) * xl[3];
-    *hi += (float)((q >> 4) & 0xF) * xh[0] + (float)((q >> 12) & 0xF) * xh[1] + (float)((q >> 20) & 0xF) * xh[2] + (float)(q >> 28) * xh[3];
-}
-
 // Dot of 32-value group `g` of a K-quant row (Q4_K, Q5_K, Q6_K) with act_prep's f32 values
 // x[32g .. 32g+32). (Dense rows go through dot_dense, repacked Q4/Q8_0 rows through dot_q8act.)
 template <int DT>
