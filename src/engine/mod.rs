@@ -90,6 +90,13 @@ impl Session {
     pub fn eval_into(&mut self, tokens: &[u32], out: &mut [u8]) -> Result<bool, EngineError> {
         let vocab = self.logits.len();
         assert!(out.len() >= vocab * 4 && (out.as_ptr() as usize).is_multiple_of(4), "eval_into: {} bytes for {vocab} logits", out.len());
+        if tokens.is_empty() {
+            // Nothing evaluated: the current logits, if there are any, as `eval` leaves them.
+            for (c, v) in out.chunks_exact_mut(4).zip(self.logits()) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+            return Ok(false);
+        }
         self.run(tokens)?;
         // SAFETY: `out` is an exclusively borrowed, 4-byte aligned slice of at least `vocab` f32s.
         let direct = unsafe { self.model.backend.write_shared(&self.state.logits, out.as_mut_ptr().cast(), vocab) }?;

@@ -194,3 +194,35 @@ fn parity_against_the_cpus_own_scalar_kernels_differs_only_by_float_order_on_f32
         assert!(err > 0.0, "the scalar kernels ran as the SIMD ones: the level was not applied");
     }
 }
+
+#[test]
+fn eval_into_stores_the_logits_eval_leaves_and_an_empty_eval_stores_the_current_ones() {
+    let dir = temp_dir();
+    let path = dir.path().join("small.gguf");
+    let shape = small_shape();
+    synth::write_synth(&shape, DType::Q8_0, 5, &path, |_, _| {}).unwrap();
+    let (model, tok) = load::load(&path, Arc::new(CpuBackend::new(Some(2))), None).unwrap();
+    let (model, tok) = (Arc::new(model), Arc::new(tok));
+    let session = || Session::new(model.clone(), tok.clone(), 64, SamplerConfig::default()).unwrap();
+    let (mut a, mut b) = (session(), session());
+    let vocab = shape.vocab_size;
+    // An actor's logits buffer: 4-byte aligned, as the host function checks.
+    let mut words = vec![0xABAB_ABABu32; vocab];
+    // SAFETY: u32 storage viewed as its bytes; same length, no other access while `out` lives.
+    let out = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), vocab * 4) };
+    // Nothing evaluated yet: the buffer is left alone.
+    assert!(!a.eval_into(&[], out).unwrap());
+    assert!(out.iter().all(|&b| b == 0xAB));
+    let ids = tok.encode("Hi!\n", false).unwrap();
+    // The CPU has no device-side path: the host copies (false), the same values `eval` leaves.
+    assert!(!a.eval_into(&ids, out).unwrap());
+    b.eval(&ids).unwrap();
+    let stored: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert_eq!(stored, b.logits());
+    assert_eq!(a.logits(), b.logits());
+    // An empty eval stores the current logits again.
+    out.fill(0);
+    assert!(!a.eval_into(&[], out).unwrap());
+    let again: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert_eq!(again, stored);
+}
