@@ -156,17 +156,40 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit (first one on ties, like llama.cpp's greedy sampler).
+/// Index of the largest logit (first one on ties, like llama.cpp's greedy sampler; NaNs never
+/// win; 0 when nothing beats -inf).
+///
+/// One pass with 16 independent lanes, each keeping its largest value and that value's first
+/// chunk, so the compiler vectorizes it: a vocabulary of 128k took about 0.2 ms per token with
+/// one running maximum (a chain of dependent compares), which was a sixth of a GPU's decode step.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best = i;
-            best_v = v;
+    const LANES: usize = 16;
+    let mut best = [f32::NEG_INFINITY; LANES];
+    let mut chunk = [0u32; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for (j, c) in chunks.enumerate() {
+        for i in 0..LANES {
+            let take = c[i] > best[i];
+            best[i] = if take { c[i] } else { best[i] };
+            chunk[i] = if take { j as u32 } else { chunk[i] };
         }
     }
-    best as u32
+    // Lane i of chunk j is index 16j + i; the tail follows the last whole chunk.
+    let mut top = (0usize, f32::NEG_INFINITY);
+    for i in 0..LANES {
+        let at = chunk[i] as usize * LANES + i;
+        if best[i] > top.1 || (best[i] == top.1 && best[i] > f32::NEG_INFINITY && at < top.0) {
+            top = (at, best[i]);
+        }
+    }
+    let base = logits.len() - tail.len();
+    for (i, &v) in tail.iter().enumerate() {
+        if v > top.1 {
+            top = (base + i, v);
+        }
+    }
+    top.0 as u32
 }
 
 #[cfg(test)]
@@ -177,6 +200,53 @@ mod tests {
     fn greedy_picks_argmax_and_first_on_ties() {
         let mut s = Sampler::new(SamplerConfig::default());
         assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0], &[]), 1);
+    }
+
+    /// The index a plain scan finds: the first of the largest values, NaNs skipped, 0 if none.
+    fn scan(xs: &[f32]) -> u32 {
+        let mut best = (0, f32::NEG_INFINITY);
+        for (i, &v) in xs.iter().enumerate() {
+            if v > best.1 {
+                best = (i, v);
+            }
+        }
+        best.0 as u32
+    }
+
+    #[test]
+    fn argmax_matches_a_plain_scan() {
+        let mut r = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            r
+        };
+        for len in [0usize, 1, 5, 15, 16, 17, 31, 32, 33, 100, 1000, 49152 + 7] {
+            for case in 0..6 {
+                // Few distinct values, so ties are common; the last cases add NaN and infinities.
+                let mut xs: Vec<f32> = (0..len).map(|_| (next() % 7) as f32 - 3.0).collect();
+                if case >= 3 && len > 0 {
+                    let n = len;
+                    xs[next() as usize % n] = f32::NAN;
+                    xs[next() as usize % n] = f32::NEG_INFINITY;
+                }
+                if case == 4 && len > 0 {
+                    let n = len;
+                    xs[next() as usize % n] = f32::INFINITY;
+                }
+                if case == 5 {
+                    xs.iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+                }
+                assert_eq!(argmax(&xs), scan(&xs), "len {len} case {case}");
+            }
+        }
+        let mut xs = vec![0.0f32; 40];
+        xs[0] = f32::NAN;
+        xs[33] = 1.0;
+        xs[37] = 1.0;
+        assert_eq!(argmax(&xs), 33, "first of the tied maxima, past a leading NaN");
+        assert_eq!(argmax(&[f32::NAN; 20]), 0);
     }
 
     #[test]
