@@ -98,7 +98,8 @@ void new_launch(int rb, const u8* wa, const u8* wb, int rows, int cols, const fl
     auto go = [&](auto kern, int RB) { launch(kern, (rows + G * RB - 1) / (G * RB), 256, 0, s, wa, wb, rows, (i64)2 * cols, cols, x, nw, 1e-5f, tl, mode, y); };
     if (rb == 1) go(dmv<DT, CH, 1, NM, E>, 1);
     else if (rb == 2) go(dmv<DT, CH, 2, NM, E>, 2);
-    else go(dmv<DT, CH, 4, NM, E>, 4);
+    else if (rb == 4) go(dmv<DT, CH, 4, NM, E>, 4);
+    else go(dmv<DT, CH, 8, NM, E>, 8);
 }
 template <int DT, bool E>
 void new_kernel(int which, const NewCfg& c, const Layer& l, float* x, float* y, float* h, cudaStream_t s) {
@@ -108,6 +109,25 @@ void new_kernel(int which, const NewCfg& c, const Layer& l, float* x, float* y, 
     else new_launch<DT, 4, 1, E>(c.rb_down, (const u8*)l.d, nullptr, D, F, h, nullptr, 1, x, s);
 }
 
+
+struct PCfg { int per_sm; int rb; };
+template <int DT, int CH, int NM>
+void p_launch(const PCfg& c, const u8* wa, const u8* wb, int rows, int cols, const float* x, const float* nw, int mode, float* y, cudaStream_t s) {
+    auto go = [&](auto kern, int RB) {
+        const int groups = (rows + RB - 1) / RB;
+        launch(kern, std::min(groups, sms * c.per_sm), 256, 0, s, wa, wb, rows, (i64)2 * cols, cols, x, nw, 1e-5f, mode, y);
+    };
+    if (c.rb == 2) go(dmv2<DT, CH, 2, NM>, 2);
+    else go(dmv2<DT, CH, 4, NM>, 4);
+}
+template <int DT>
+void p_kernel(int which, const PCfg& c, const Layer& l, float* x, float* y, float* h, cudaStream_t s) {
+    if (which == 0) {
+        p_launch<DT, 1, 1>(c, (const u8*)l.qkv, nullptr, QKV, D, x, l.nw1, 0, y, s);
+    } else if (which == 1) p_launch<DT, 1, 1>(c, (const u8*)l.o, nullptr, D, D, y, nullptr, 1, x, s);
+    else if (which == 2) p_launch<DT, 1, 2>(c, (const u8*)l.g, (const u8*)l.u, F, D, x, l.nw2, 2, h, s);
+    else p_launch<DT, 4, 1>(PCfg{c.per_sm, 2}, (const u8*)l.d, nullptr, D, F, h, nullptr, 1, x, s);
+}
 
 float time_graph(std::function<void(cudaStream_t)> body, cudaStream_t s, int reps = 50) {
     cudaGraph_t g;
@@ -164,7 +184,7 @@ int main(int argc, char** argv) {
         auto walloc = [&](i64 n) { u16* w; CK(cudaMalloc(&w, n * 2)); fill_w<<<1024, 256>>>(w, n, seed++ * 0x9e3779b9u, bf); return w; };
         auto falloc = [&](int n, float base, float amp) { float* f; CK(cudaMalloc(&f, n * 4)); fill_f<<<(n + 255) / 256, 256>>>(f, n, seed++ * 0x85ebca6bu, base, amp); return f; };
         for (auto& l : ls) {
-            l.qkv = walloc((i64)D * D); l.k = walloc((i64)512 * D); l.v = walloc((i64)512 * D); l.o = walloc((i64)D * D); l.g = walloc((i64)F * D); l.u = walloc((i64)F * D); l.d = walloc((i64)D * F);
+            l.qkv = walloc((i64)QKV * D); l.k = l.qkv + (i64)D * D; l.v = l.k + (i64)512 * D; l.o = walloc((i64)D * D); l.g = walloc((i64)F * D); l.u = walloc((i64)F * D); l.d = walloc((i64)D * F);
             l.nw1 = falloc(D, 1.0f, 0.5f); l.nw2 = falloc(D, 1.0f, 0.5f);
         }
         float* x0 = falloc(D, 0.0f, 2.0f);
@@ -179,7 +199,20 @@ int main(int argc, char** argv) {
         std::vector<std::pair<std::string, KernFn>> variants;
         if (bf) variants.push_back({"old", [](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { old_kernel<DT_BF16>(w, l, x, y, h, s); }});
         else variants.push_back({"old", [](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { old_kernel<DT_F16>(w, l, x, y, h, s); }});
-        std::vector<NewCfg> cfgs = {{4, 2, 4, 2, true}};
+        std::vector<NewCfg> cfgs = {{4, 2, 4, 2, true}, {8, 4, 4, 2, true}};
+        for (auto c : std::vector<PCfg>{{1, 4}, {2, 4}, {2, 2}, {3, 2}, {4, 2}}) {
+            char nm[64];
+            snprintf(nm, sizeof nm, "persistent x%d rb%d", c.per_sm, c.rb);
+            if (bf) variants.push_back({nm, [c](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { p_kernel<DT_BF16>(w, c, l, x, y, h, s); }});
+            else variants.push_back({nm, [c](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { p_kernel<DT_F16>(w, c, l, x, y, h, s); }});
+        }
+        // Reference: reading each product's weight bytes with a plain streaming kernel.
+        variants.push_back({"read only", [](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) {
+            const u16* p = w == 0 ? l.qkv : w == 1 ? l.o : w == 2 ? l.g : l.d;
+            i64 n = w == 0 ? (i64)QKV * D : w == 1 ? (i64)D * D : w == 2 ? (i64)F * D : (i64)D * F;
+            launch(read_bw, sms * 8, 256, 0, s, (const uint4*)p, n * 2 / 16, (u32*)y);
+            if (w == 2) launch(read_bw, sms * 8, 256, 0, s, (const uint4*)l.u, n * 2 / 16, (u32*)y);
+        }});
         // Correctness: one pass of all 16 layers from x0, compare x, y, h with the old kernels.
         std::vector<float> ref_x(D), ref_h(F), ref_y(QKV), got(F);
         for (size_t v = 0; v < variants.size(); v++) {
@@ -210,7 +243,7 @@ int main(int argc, char** argv) {
             printf("without PDL: old layer %.2f us, %s layer %.2f us\n", t_all / L, variants[1].first.c_str(), t_new / L);
         }
         g_pdl = true;
-        for (auto& l : ls) { cudaFree(l.qkv); cudaFree(l.k); cudaFree(l.v); cudaFree(l.o); cudaFree(l.g); cudaFree(l.u); cudaFree(l.d); cudaFree(l.nw1); cudaFree(l.nw2); }
+        for (auto& l : ls) { cudaFree(l.qkv); cudaFree(l.o); cudaFree(l.g); cudaFree(l.u); cudaFree(l.d); cudaFree(l.nw1); cudaFree(l.nw2); }
         cudaFree(x0); cudaFree(x); cudaFree(y); cudaFree(h);
     }
     return 0;

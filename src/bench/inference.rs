@@ -51,7 +51,10 @@ pub struct InferenceReport {
     pub weights_mb: f64,
     pub rss_after_load_mb: f64,
     pub prefill: Vec<PrefillRow>,
+    /// Greedy decoding with the argmax taken where the logits are (a GPU sends back one index).
     pub decode: DecodeRow,
+    /// Greedy decoding with every token's logits copied to the host and the argmax taken there.
+    pub decode_host_logits: DecodeRow,
     /// Measured device-memory bandwidth (GPUs), and the decode floor it implies: every weight
     /// byte read once per token.
     pub bandwidth_gb_s: Option<f64>,
@@ -88,6 +91,45 @@ pub struct Options {
     pub context: usize,
 }
 
+/// Where greedy decoding picks the next token.
+#[derive(Clone, Copy)]
+enum Greedy {
+    /// [`Session::eval_greedy`]: on the device that holds the logits.
+    WhereTheLogitsAre,
+    /// [`Session::eval`], then the argmax of the host copy of the logits.
+    OnTheHost,
+}
+
+/// Median ms/token over `opts.repeats` greedy runs of `opts.decode_tokens` tokens after a
+/// 5-token prompt, each in a fresh session.
+fn decode_row(model: &Arc<Model>, tok: &Arc<Tokenizer>, ctx: usize, opts: &Options, how: Greedy) -> anyhow::Result<DecodeRow> {
+    let step = |s: &mut Session, t: u32| -> anyhow::Result<u32> {
+        Ok(match how {
+            Greedy::WhereTheLogitsAre => s.eval_greedy(&[t])?,
+            Greedy::OnTheHost => {
+                s.eval(&[t])?;
+                crate::engine::sampler::argmax(s.logits())
+            }
+        })
+    };
+    let mut per_run = Vec::new();
+    for _ in 0..opts.repeats.max(1) {
+        let mut s = Session::new(model.clone(), tok.clone(), ctx, SamplerConfig::default())?;
+        let mut next = s.eval_greedy(&prompt_tokens(tok, 5))?;
+        // Two untimed steps: a GPU captures its decode graph on the second.
+        for _ in 0..2 {
+            next = step(&mut s, next)?;
+        }
+        let t = Instant::now();
+        for _ in 0..opts.decode_tokens {
+            next = step(&mut s, next)?;
+        }
+        per_run.push(t.elapsed().as_secs_f64() * 1e3 / opts.decode_tokens as f64);
+    }
+    let ms_per_token = median_ms(&mut per_run);
+    Ok(DecodeRow { tokens: opts.decode_tokens, ms_per_token, tok_s: 1e3 / ms_per_token })
+}
+
 /// Runs the benchmark on a loaded model.
 pub fn run(model: Arc<Model>, tok: Arc<Tokenizer>, load_ms: f64, opts: &Options, mut progress: impl FnMut(&str)) -> anyhow::Result<InferenceReport> {
     let greedy = SamplerConfig::default();
@@ -109,25 +151,9 @@ pub fn run(model: Arc<Model>, tok: Arc<Tokenizer>, load_ms: f64, opts: &Options,
     }
 
     progress(&format!("decode {} tokens", opts.decode_tokens));
-    let mut per_run = Vec::new();
-    for _ in 0..opts.repeats.max(1) {
-        let mut s = Session::new(model.clone(), tok.clone(), ctx, greedy.clone())?;
-        s.eval(&prompt_tokens(&tok, 5))?;
-        let mut next = crate::engine::sampler::argmax(s.logits());
-        // Two untimed steps: a GPU captures its decode graph on the second.
-        for _ in 0..2 {
-            s.eval(&[next])?;
-            next = crate::engine::sampler::argmax(s.logits());
-        }
-        let t = Instant::now();
-        for _ in 0..opts.decode_tokens {
-            s.eval(&[next])?;
-            next = crate::engine::sampler::argmax(s.logits());
-        }
-        per_run.push(t.elapsed().as_secs_f64() * 1e3 / opts.decode_tokens as f64);
-    }
-    let ms_per_token = median_ms(&mut per_run);
-    let decode = DecodeRow { tokens: opts.decode_tokens, ms_per_token, tok_s: 1e3 / ms_per_token };
+    let decode = decode_row(&model, &tok, ctx, opts, Greedy::WhereTheLogitsAre)?;
+    progress(&format!("decode {} tokens, logits to the host", opts.decode_tokens));
+    let decode_host_logits = decode_row(&model, &tok, ctx, opts, Greedy::OnTheHost)?;
 
     let boundary = if opts.boundary {
         progress("host-function boundary");
@@ -154,6 +180,7 @@ pub fn run(model: Arc<Model>, tok: Arc<Tokenizer>, load_ms: f64, opts: &Options,
         rss_after_load_mb: rss_bytes() as f64 / 1e6,
         prefill,
         decode,
+        decode_host_logits,
         boundary,
     })
 }

@@ -23,6 +23,9 @@ pub struct StepRow {
     pub step: usize,
     pub cpu_token: u32,
     pub device_token: u32,
+    /// The device's own argmax of its logits (greedy decoding where the logits are): must be
+    /// `device_token`.
+    pub device_argmax: u32,
     pub max_abs_diff: f32,
     pub rel_err: f32,
     /// Gap between the CPU's top two logits (a small gap excuses a flipped token).
@@ -37,14 +40,17 @@ pub struct ParityReport {
     pub prompt_tokens: usize,
     pub steps: Vec<StepRow>,
     pub tokens_agree: usize,
+    /// Steps where the device's argmax matched the host's argmax of the device's logits.
+    pub device_argmax_agrees: usize,
     pub max_rel_err: f32,
     pub mean_abs_diff: f32,
 }
 
 impl ParityReport {
-    /// Every greedy token agreed and the worst relative error is within `tolerance`.
+    /// Every greedy token agreed (and the device's own argmax with the host's), and the worst
+    /// relative error is within `tolerance`.
     pub fn passes(&self, tolerance: f32) -> bool {
-        self.tokens_agree == self.steps.len() && self.max_rel_err <= tolerance
+        self.tokens_agree == self.steps.len() && self.device_argmax_agrees == self.steps.len() && self.max_rel_err <= tolerance
     }
 }
 
@@ -60,6 +66,7 @@ pub fn run(reference: Arc<Model>, device: Arc<Model>, tok: Arc<Tokenizer>, promp
     let mut rows = Vec::new();
     let (mut sum_abs, mut count) = (0f64, 0usize);
     for step in 0..=steps {
+        let device_argmax = b.eval_greedy(&[])?;
         let (la, lb) = (a.logits(), b.logits());
         anyhow::ensure!(la.len() == lb.len() && !la.is_empty(), "logits missing after step {step}");
         let mut max_abs = 0f32;
@@ -71,7 +78,15 @@ pub fn run(reference: Arc<Model>, device: Arc<Model>, tok: Arc<Tokenizer>, promp
         count += la.len();
         let scale = la.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
         let (ta, tb) = (argmax(la), argmax(lb));
-        rows.push(StepRow { step, cpu_token: ta, device_token: tb, max_abs_diff: max_abs, rel_err: max_abs / scale, cpu_top2_gap: top2_gap(la) });
+        rows.push(StepRow {
+            step,
+            cpu_token: ta,
+            device_token: tb,
+            device_argmax,
+            max_abs_diff: max_abs,
+            rel_err: max_abs / scale,
+            cpu_top2_gap: top2_gap(la),
+        });
         if step == steps || a.kv_len() >= ctx {
             break;
         }
@@ -84,6 +99,7 @@ pub fn run(reference: Arc<Model>, device: Arc<Model>, tok: Arc<Tokenizer>, promp
         device: device.backend.info().name.clone(),
         prompt_tokens: prompt.len(),
         tokens_agree: rows.iter().filter(|r| r.cpu_token == r.device_token).count(),
+        device_argmax_agrees: rows.iter().filter(|r| r.device_argmax == r.device_token).count(),
         max_rel_err: rows.iter().map(|r| r.rel_err).fold(0.0, f32::max),
         mean_abs_diff: (sum_abs / count.max(1) as f64) as f32,
         steps: rows,

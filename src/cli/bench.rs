@@ -73,13 +73,18 @@ impl ParityArgs {
             println!();
             println!("{:>5} {:>9} {:>9} {:>12} {:>10} {:>9}", "step", "cpu", "device", "max |diff|", "rel err", "top2 gap");
             for r in &report.steps {
-                let flag = if r.cpu_token == r.device_token { "" } else { "  <- differs" };
+                let mut flag = if r.cpu_token == r.device_token { String::new() } else { "  <- differs".to_string() };
+                if r.device_argmax != r.device_token {
+                    flag += &format!("  <- the device's own argmax chose {}", r.device_argmax);
+                }
                 println!("{:>5} {:>9} {:>9} {:>12.2e} {:>10.2e} {:>9.3}{flag}", r.step, r.cpu_token, r.device_token, r.max_abs_diff, r.rel_err, r.cpu_top2_gap);
             }
             println!();
             println!(
-                "greedy tokens agree: {}/{}; max relative error {:.2e} (tolerance {:.0e}); mean |diff| {:.2e}: {}",
+                "greedy tokens agree: {}/{} (device-side argmax {}/{}); max relative error {:.2e} (tolerance {:.0e}); mean |diff| {:.2e}: {}",
                 report.tokens_agree,
+                report.steps.len(),
+                report.device_argmax_agrees,
                 report.steps.len(),
                 report.max_rel_err,
                 tolerance,
@@ -219,8 +224,9 @@ impl InferenceArgs {
         for p in &report.prefill {
             println!("{:<36} {:>11.2} ms {:>10.1} tok/s", format!("prefill {} tokens", p.tokens), p.ms, p.tok_s);
         }
-        let d = &report.decode;
+        let (d, h) = (&report.decode, &report.decode_host_logits);
         println!("{:<36} {:>8.3} ms/tok {:>10.1} tok/s", format!("decode {} tokens", d.tokens), d.ms_per_token, d.tok_s);
+        println!("{:<36} {:>8.3} ms/tok {:>10.1} tok/s", "  with every token's logits on host", h.ms_per_token, h.tok_s);
         if let Some(b) = &report.boundary {
             println!("{:<36} {:>8.3} ms/tok {:>14}", "decode driven from wasm", b.ms_per_token_wasm, "");
             println!("{:<36} {:>8.2} us/tok {:>13.3}%", "host-function boundary overhead", b.overhead_us_per_token, b.overhead_percent);

@@ -114,6 +114,20 @@ impl Session {
         Ok(direct)
     }
 
+    /// Greedy decoding: runs `tokens` (none: keeps the current pass) and returns the index of
+    /// the largest logit, found where the logits are: a GPU reduces them itself and sends back
+    /// one index instead of the vocabulary. The host copy is not refreshed: [`Session::logits`]
+    /// is empty and [`Session::sample`] has nothing to sample until the next eval.
+    pub fn eval_greedy(&mut self, tokens: &[u32]) -> Result<u32, EngineError> {
+        self.run(tokens)?;
+        let vocab = self.logits.len();
+        let token = self.model.backend.argmax(&self.state.logits, vocab)?;
+        if !tokens.is_empty() {
+            self.has_logits = false;
+        }
+        Ok(token)
+    }
+
     /// Runs `tokens` through the model (logits left on the backend).
     fn run(&mut self, tokens: &[u32]) -> Result<(), EngineError> {
         if tokens.is_empty() {

@@ -74,6 +74,9 @@ struct Kernels {
     matvec: [CUfunction; 9],
     /// Fused gate/up/SiLU for one token, indexed by [`dtype_code`].
     ffn: [CUfunction; 9],
+    /// Dense one-token products (`dense_mv`), by [F16, BF16] and chunks per thread [1, 2, 4].
+    dense: [[CUfunction; 3]; 2],
+    dense_ffn: [[CUfunction; 3]; 2],
     matvec_any: CUfunction,
     rope_store: CUfunction,
     rms_norm: CUfunction,
@@ -86,6 +89,7 @@ struct Kernels {
     attn_small: CUfunction,
     act_prep: CUfunction,
     copy_f32: CUfunction,
+    argmax_f32: CUfunction,
     _module: Module,
 }
 
@@ -193,6 +197,9 @@ pub struct CudaBackend {
     copy_bufs: Mutex<Vec<DevMem>>,
     /// Pinned staging for large downloads, and its capacity in bytes.
     download_pin: Mutex<Option<(Pinned, usize)>>,
+    /// A device result of a few bytes (argmax's index) and its pinned host copy.
+    result_dev: DevMem,
+    result_host: Pinned,
     /// Rotary frequency tables already on the device, by content.
     rope_tables: Mutex<HashMap<Vec<u32>, DevMem>>,
     /// Decode graphs on (`DRIFTWOOD_CUDA_GRAPHS=0` turns them off, for comparison).
@@ -202,6 +209,10 @@ pub struct CudaBackend {
     pdl: bool,
     /// Most blocks a one-token product launches (0: no cap).
     max_blocks: usize,
+    /// F16/BF16 one-token products through `dense_mv` (see [`DensePlan`]).
+    dense: bool,
+    /// Multiprocessors of the device.
+    sms: usize,
     /// Widest input of 8-bit-activation products that each block quantizes itself.
     stage_q8_cols: usize,
     /// Whether k-slices are bounded by the steps of a row (see [`k_slices`]).
@@ -294,11 +305,20 @@ impl CudaBackend {
             matvec[i] = f(&format!("matvec_{suffix}"))?;
             ffn[i] = f(&format!("ffn_{suffix}"))?;
         }
+        let (mut dense, mut dense_ffn) = ([[std::ptr::null_mut(); 3]; 2], [[std::ptr::null_mut(); 3]; 2]);
+        for (i, suffix) in ["f16", "bf16"].iter().enumerate() {
+            for (j, ch) in DENSE_CHUNKS.iter().enumerate() {
+                dense[i][j] = f(&format!("dense_{suffix}_c{ch}"))?;
+                dense_ffn[i][j] = f(&format!("dense_ffn_{suffix}_c{ch}"))?;
+            }
+        }
         let k = Kernels {
             embed: f("embed")?,
             dequant_rows: f("dequant_rows")?,
             matvec,
             ffn,
+            dense,
+            dense_ffn,
             matvec_any: f("matvec_any")?,
             rope_store: f("rope_store")?,
             rms_norm: f("rms_norm")?,
@@ -311,10 +331,13 @@ impl CudaBackend {
             attn_small: f("attn_small")?,
             act_prep: f("act_prep")?,
             copy_f32: f("copy_f32")?,
+            argmax_f32: f("argmax_f32")?,
             _module: module,
         };
         let step_host = Pinned::alloc(&ctx, STEP_BYTES).map_err(na)?;
         let step_dev = DevMem::zeroed(&ctx, STEP_BYTES).map_err(na)?;
+        let result_dev = DevMem::zeroed(&ctx, 16).map_err(na)?;
+        let result_host = Pinned::alloc(&ctx, 16).map_err(na)?;
         let env_on = |k: &str| std::env::var(k).map(|v| v != "0").unwrap_or(true);
         let use_graphs = env_on("DRIFTWOOD_CUDA_GRAPHS");
         // Programmatic dependent launch needs Hopper (sm_90) or newer.
@@ -329,6 +352,8 @@ impl CudaBackend {
         // Llama-3.2-1B Q4_0 1.284 vs 1.454).
         let stage_q8_cols = env_usize("DRIFTWOOD_CUDA_STAGE_Q8_COLS", 0);
         let slice_cap = env_on("DRIFTWOOD_CUDA_SLICE_CAP");
+        // F16/BF16 one-token products through `dense_mv` (DRIFTWOOD_CUDA_DENSE=0: `matvec`).
+        let dense = env_on("DRIFTWOOD_CUDA_DENSE");
         Ok(CudaBackend {
             info: DeviceInfo {
                 kind: DeviceKind::Cuda,
@@ -349,12 +374,16 @@ impl CudaBackend {
             graph_clock: Mutex::new(0),
             copy_bufs: Mutex::new(Vec::new()),
             download_pin: Mutex::new(None),
+            result_dev,
+            result_host,
             rope_tables: Mutex::new(HashMap::new()),
             use_graphs,
             pdl,
             max_blocks: per_sm * sms,
             stage_q8_cols,
             slice_cap,
+            dense,
+            sms,
             identity_mapping: host_ptr,
         })
     }
@@ -528,6 +557,15 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// [`dense_plan`] unless `DRIFTWOOD_CUDA_DENSE=0` turned the kernel off.
+    fn dense_plan(&self, w: &Linear, matrices: usize) -> Option<DensePlan> {
+        let plan = if self.dense { dense_plan(w.dtype, w.rows, w.cols, matrices) } else { None };
+        match std::env::var("DRIFTWOOD_CUDA_DENSE_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()) {
+            Some(n) if plan.is_some_and(|p| p.rows_per_group == 4) => plan.map(|p| DensePlan { per_sm: n, ..p }),
+            _ => plan,
+        }
+    }
+
     /// The row steps that bound a product's k-slices (`DRIFTWOOD_CUDA_SLICE_CAP=0`: no bound).
     fn steps_cap(&self, w: &Linear) -> usize {
         if self.slice_cap {
@@ -592,6 +630,17 @@ impl CudaBackend {
             rows += w.rows;
         }
         let w0 = ws[0];
+        if let Some(plan) = self.dense_plan(w0, 1) {
+            let (row_bytes, cols, add, (nw, eps)) = (device_row_bytes(w0.dtype, w0.cols) as i64, w0.cols as i32, add as i32, norm.unwrap_or((0, 0.0)));
+            let (f, tl) = (self.k.dense[plan.dtype][plan.chunks], plan.tl);
+            return self.launch(
+                "matmul",
+                f,
+                (plan.blocks(rows, self.sms), 1, 1),
+                256,
+                &mut args![segs[0], segs[1], segs[2], row_bytes, cols, x, add, nw, eps, tl, rs],
+            );
+        }
         let row_bytes = device_row_bytes(w0.dtype, w0.cols) as i64;
         let cols = w0.cols as i32;
         let add = add as i32;
@@ -715,6 +764,60 @@ fn warp_steps(d: DType, cols: usize) -> usize {
         DType::F16 | DType::BF16 => 256,
         _ => 1024,
     })
+}
+
+/// Chunks of 16 bytes a thread holds per row in `dense_mv`, by instance (kernels.cu's DENSE).
+const DENSE_CHUNKS: [usize; 3] = [1, 2, 4];
+
+/// A `dense_mv` launch: format index (F16, BF16), instance, log2 threads per row, rows per row
+/// group, blocks per multiprocessor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DensePlan {
+    dtype: usize,
+    chunks: usize,
+    tl: i32,
+    rows_per_group: usize,
+    per_sm: usize,
+}
+
+impl DensePlan {
+    /// Blocks for `rows` rows: one per block step (256 / threads-per-row groups of
+    /// `rows_per_group` rows), at most `per_sm` per multiprocessor; blocks stride over the rest.
+    fn blocks(&self, rows: usize, sms: usize) -> u32 {
+        let groups_per_block = 256 >> self.tl;
+        let steps = rows.div_ceil(self.rows_per_group).div_ceil(groups_per_block);
+        steps.min(self.per_sm * sms).max(1) as u32
+    }
+}
+
+/// How `dense_mv` multiplies a `rows × cols` weight (with `matrices` = 2 its twin too: gate and
+/// up), if it can: F16/BF16 rows of whole 16-byte chunks, at most 8192 values, in pairs.
+fn dense_plan(dtype: DType, rows: usize, cols: usize, matrices: usize) -> Option<DensePlan> {
+    let dtype = match dtype {
+        DType::F16 => 0,
+        DType::BF16 => 1,
+        _ => return None,
+    };
+    if !cols.is_multiple_of(8) || !rows.is_multiple_of(2) {
+        return None;
+    }
+    let chunks = cols / 8;
+    // Threads per row: a power of two from 32 to 256 covering the row in one chunk each, or 256
+    // with 2 or 4 chunks each.
+    let (ch, tpr) = match chunks {
+        0..=256 => (1, chunks.next_power_of_two().max(32)),
+        257..=512 => (2, 256),
+        513..=1024 => (4, 256),
+        _ => return None,
+    };
+    let chunks = DENSE_CHUNKS.iter().position(|&c| c == ch)?;
+    // Rows a group: 4 where a thread holds one chunk of one matrix, else 2 (kernels.cu's DENSE).
+    // Blocks a multiprocessor: 4 where a thread holds one chunk a row (16 KB in flight a block),
+    // else 2 (their registers allow no more), which measured fastest on an H200 (bench/gemv, and
+    // Llama-3.2-1B decode: 2, 3, 4, 5, 6 blocks gave 877, 944, 957, 923, 938 tok/s).
+    let rows_per_group = if matrices == 1 && ch == 1 { 4 } else { 2 };
+    let per_sm = if ch == 1 { 4 } else { 2 };
+    Some(DensePlan { dtype, chunks, tl: tpr.trailing_zeros() as i32, rows_per_group, per_sm })
 }
 
 /// Downloads of at least this many bytes go through pinned staging memory.
@@ -1020,6 +1123,28 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn argmax(&self, buf: &Buffer, n: usize) -> Result<u32, BackendError> {
+        let _e = self.enter("argmax")?;
+        let m = cuda_buf(buf, "argmax")?;
+        check_len("argmax", "buffer", m.bytes(), n)?;
+        let (x, ni, key) = (m.ptr(), n as i64, self.result_dev.ptr());
+        // SAFETY: result_dev holds 16 bytes; the memset is ordered before the kernel on the stream.
+        unsafe { cudarc::driver::sys::cuMemsetD32Async(key, 0, 2, self.s()) }.result().map_err(|e| dev_err("argmax", err("cuMemsetD32Async", e)))?;
+        let blocks = n.div_ceil(256 * 8).clamp(1, 4 * self.sms) as u32;
+        self.launch("argmax", self.k.argmax_f32, (blocks, 1, 1), 256, &mut args![x, ni, key])?;
+        let host = self.result_host.ptr().cast::<u64>();
+        // SAFETY: both ends hold 16 bytes; the stream is synchronized before the host reads it,
+        // and only this call (under the backend lock) uses the pinned buffer.
+        unsafe { cudarc::driver::sys::cuMemcpyDtoHAsync_v2(host.cast(), key, 8, self.s()) }
+            .result()
+            .map_err(|e| dev_err("argmax", err("cuMemcpyDtoHAsync", e)))?;
+        self.sync("argmax")?;
+        // SAFETY: written by the copy above, which the synchronization completed.
+        let key = unsafe { host.read() };
+        // The low half holds the complemented index of the winner; 0: nothing beat -inf.
+        Ok(if key == 0 { 0 } else { !(key as u32) })
+    }
+
     fn load_linear(&self, w: Linear) -> Result<Linear, BackendError> {
         let _e = self.enter("load")?;
         let mem = match &w.data {
@@ -1183,6 +1308,10 @@ impl Backend for CudaBackend {
         check_len("matmul", &w_gate.name, gm.bytes(), w_gate.rows)?;
         let (wg, wu, out) = (weight_mem(w_gate, "matmul")?.ptr(), weight_mem(w_up, "matmul")?.ptr(), gm.ptr());
         let (rows, row_bytes, cols) = (w_gate.rows as i32, device_row_bytes(w_gate.dtype, w_gate.cols) as i64, w_gate.cols as i32);
+        if let Some(plan) = self.dense_plan(w_gate, 2) {
+            let (f, tl, gate, (nw, eps)) = (self.k.dense_ffn[plan.dtype][plan.chunks], plan.tl, Seg { w: wg, y: out, rows }, (nm.ptr(), norm.eps));
+            return self.launch("matmul", f, (plan.blocks(w_gate.rows, self.sms), 1, 1), 256, &mut args![gate, wu, row_bytes, cols, xm.ptr(), nw, eps, tl]);
+        }
         let f = self.k.ffn[dtype_code(w_gate.dtype)];
         let input = self.product_input(xm.ptr(), w_gate, Some((nm.ptr(), norm.eps)))?;
         let (xp, nw, eps, prep, xq, ds) = (input.x, input.norm_w, input.eps, input.prep, input.xq, input.ds);
@@ -1496,6 +1625,78 @@ mod tests {
         // ...and no more than one wave of groups: Llama-3.2-1B's q/k/v, 3072 rows in pairs.
         assert_eq!(k_slices(1536, f16_2048, wave), 2);
         assert_eq!(k_slices(1536, f16_2048, 0), 4);
+    }
+
+    #[test]
+    fn dense_plans_cover_rows_with_whole_chunks() {
+        let plan = |rows, cols, m| dense_plan(DType::F16, rows, cols, m).map(|p| (DENSE_CHUNKS[p.chunks], 1usize << p.tl, p.rows_per_group, p.per_sm));
+        // Llama-3.2-1B: q/k/v and o (2048 wide), gate/up, down (8192 wide).
+        assert_eq!(plan(3072, 2048, 1), Some((1, 256, 4, 4)));
+        assert_eq!(plan(8192, 2048, 2), Some((1, 256, 2, 4)));
+        assert_eq!(plan(2048, 8192, 1), Some((4, 256, 2, 2)));
+        // SmolLM2-135M: 576 wide (72 chunks: 128 threads), 1536 wide (192: 256 threads).
+        assert_eq!(plan(576, 576, 1), Some((1, 128, 4, 4)));
+        assert_eq!(plan(576, 1536, 1), Some((1, 256, 4, 4)));
+        assert_eq!(plan(64, 64, 1), Some((1, 32, 4, 4)), "narrow rows still take a warp");
+        assert_eq!(plan(64, 4096, 2), Some((2, 256, 2, 2)));
+        // Not for it: too wide, partial chunks, odd rows, other formats.
+        assert_eq!(plan(64, 8200, 1), None);
+        assert_eq!(plan(64, 100, 1), None);
+        assert_eq!(plan(63, 2048, 1), None);
+        assert!(dense_plan(DType::Q4_0, 64, 2048, 1).is_none() && dense_plan(DType::F32, 64, 2048, 1).is_none());
+        assert_eq!(dense_plan(DType::BF16, 64, 2048, 1).map(|p| p.dtype), Some(1));
+        // Blocks: one per block step, at most per_sm per multiprocessor.
+        let p = dense_plan(DType::F16, 3072, 2048, 1).unwrap();
+        assert_eq!(p.blocks(3072, 132), 528, "768 groups of 4 rows, 4 blocks an SM");
+        assert_eq!(p.blocks(400, 132), 100);
+        let p = dense_plan(DType::F16, 576, 576, 1).unwrap();
+        assert_eq!(p.blocks(576, 132), 72, "two 128-thread groups a block: 144 groups of 4 rows");
+    }
+
+    #[test]
+    fn argmax_keys_order_as_the_host_argmax() {
+        // kernels.cu's argmax_f32 key: order-preserving value bits above, complemented index
+        // below; NaN and -inf are skipped, 0 means none.
+        let key = |i: usize, v: f32| -> u64 {
+            if v.is_nan() || v == f32::NEG_INFINITY {
+                return 0;
+            }
+            let b = v.to_bits();
+            let ordered = if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 };
+            (u64::from(ordered) << 32) | u64::from(!(i as u32))
+        };
+        let mut r = 0x2545_f491_4f6c_dd1du64;
+        for len in [1usize, 2, 7, 100, 3000] {
+            for case in 0..8 {
+                let xs: Vec<f32> = (0..len)
+                    .map(|_| {
+                        r ^= r << 13;
+                        r ^= r >> 7;
+                        r ^= r << 17;
+                        match (r % 11, case) {
+                            (0, c) if c >= 4 => f32::NAN,
+                            (1, c) if c >= 4 => f32::NEG_INFINITY,
+                            (2, 6) => f32::INFINITY,
+                            _ if case == 7 => f32::NEG_INFINITY,
+                            _ => ((r >> 20) % 9) as f32 * if case % 2 == 0 { -0.25 } else { 0.5 } - 1.0,
+                        }
+                    })
+                    .collect();
+                let best = xs.iter().enumerate().map(|(i, &v)| key(i, v)).max().unwrap_or(0);
+                let got = if best == 0 { 0 } else { !(best as u32) };
+                assert_eq!(got, crate::engine::sampler::argmax(&xs), "len {len} case {case}");
+            }
+        }
+    }
+
+    #[test]
+    fn dense_instances_match_the_kernel_source() {
+        for ch in DENSE_CHUNKS {
+            for suffix in ["f16", "bf16"] {
+                let inst = format!("DENSE({suffix}, DT_{}, {ch})", suffix.to_uppercase());
+                assert!(KERNELS.contains(&inst), "kernels.cu lacks {inst}");
+            }
+        }
     }
 
     #[test]
