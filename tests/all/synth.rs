@@ -10,7 +10,7 @@ use driftwood::engine::dtype::DType;
 use driftwood::engine::gguf::GgufFile;
 use driftwood::engine::load;
 use driftwood::engine::model::{Config, Llama3RopeScaling};
-use driftwood::engine::sampler::SamplerConfig;
+use driftwood::engine::sampler::{self, SamplerConfig};
 use driftwood::engine::synth::{self, SynthShape, BOS_ID, EOS_ID};
 use driftwood::engine::Session;
 
@@ -225,4 +225,35 @@ fn eval_into_stores_the_logits_eval_leaves_and_an_empty_eval_stores_the_current_
     assert!(!a.eval_into(&[], out).unwrap());
     let again: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     assert_eq!(again, stored);
+}
+
+#[test]
+fn eval_greedy_follows_the_same_tokens_as_eval_and_argmax() {
+    let dir = temp_dir();
+    let path = dir.path().join("small.gguf");
+    let shape = small_shape();
+    synth::write_synth(&shape, DType::Q4_0, 9, &path, |_, _| {}).unwrap();
+    let (model, tok) = load::load(&path, Arc::new(CpuBackend::new(Some(2))), None).unwrap();
+    let (model, tok) = (Arc::new(model), Arc::new(tok));
+    let session = || Session::new(model.clone(), tok.clone(), 64, SamplerConfig::default()).unwrap();
+    let (mut a, mut b) = (session(), session());
+    let ids = tok.encode("Once upon", false).unwrap();
+    let mut next = a.eval_greedy(&ids).unwrap();
+    b.eval(&ids).unwrap();
+    assert_eq!(next, sampler::argmax(b.logits()));
+    // The host copy is not refreshed by eval_greedy, so there is nothing to read or sample.
+    assert!(a.logits().is_empty());
+    assert!(a.sample().is_none());
+    let mut seen = vec![next];
+    for _ in 0..12 {
+        let t = a.eval_greedy(&[next]).unwrap();
+        b.eval(&[next]).unwrap();
+        assert_eq!(t, sampler::argmax(b.logits()), "after {seen:?}");
+        // An empty eval keeps the pass: the same index again.
+        assert_eq!(a.eval_greedy(&[]).unwrap(), t);
+        next = t;
+        seen.push(t);
+    }
+    assert_eq!(a.tokens, b.tokens);
+    assert!(seen.iter().any(|&t| t != seen[0]), "a random model should not repeat one token: {seen:?}");
 }
