@@ -17,7 +17,8 @@
 #                  logits actor on both devices
 #       snapshot   a chat snapshot taken on the CPU continues on CUDA, and back
 #       bench      bench inference --device cuda: Llama-3.2-1B shapes (BF16, F16, Q4_0) and
-#                  SmolLM2-135M shapes (F16, Q4_1), synthesized
+#                  SmolLM2-135M shapes (F16, Q4_1), synthesized; decode with the argmax on the
+#                  device (tg) and with every token's logits copied to the host
 #       llamacpp   llama.cpp's llama-bench (CUDA, built by bench/llamacpp-cuda.sh) on the same files
 set -euo pipefail
 
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
         --models) MODELS="$2"; shift 2 ;;
         --real) REAL="$2"; shift 2 ;;
         --stages) STAGES="$2"; shift 2 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -175,8 +176,8 @@ if has bench; then
             FAILED=$((FAILED + 1))
             continue
         fi
-        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); d=r["decode"]; p=r["prefill"][-1]; b=r.get("boundary") or {}
-print(f"{sys.argv[2]:28} pp{p["tokens"]} {p["tok_s"]:9.1f} tok/s   tg{d["tokens"]} {d["tok_s"]:7.1f} tok/s ({d["ms_per_token"]:.3f} ms, floor {r.get("floor_ms_per_token") or 0:.3f} ms, boundary {b.get("overhead_percent", 0):.3f}%)")' "$OUT/driftwood-$name.json" "$name"
+        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); d=r["decode"]; h=r["decode_host_logits"]; p=r["prefill"][-1]; b=r.get("boundary") or {}
+print(f"{sys.argv[2]:28} pp{p["tokens"]} {p["tok_s"]:9.1f} tok/s   tg{d["tokens"]} {d["tok_s"]:7.1f} tok/s ({d["ms_per_token"]:.3f} ms, floor {r.get("floor_ms_per_token") or 0:.3f} ms; logits to host {h["tok_s"]:.1f} tok/s; boundary {b.get("overhead_percent", 0):.3f}%)")' "$OUT/driftwood-$name.json" "$name"
     done
 fi
 
