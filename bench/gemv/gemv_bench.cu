@@ -1,7 +1,10 @@
 // Microbenchmark: one Llama-3.2-1B decode layer's products (q/k/v, o, gate/up, down; F16/BF16)
-// through Driftwood's current kernels (kernels.cu, included) and experimental ones
-// (dense_new.cuh), 16 layers of distinct weights captured in a CUDA graph with programmatic
-// dependent launch, as the decode step runs them. Build: nvcc -O3 -arch=sm_90 -std=c++17.
+// through Driftwood's kernels (kernels.cu, included): the warp-per-row-pair `matvec` kernels,
+// the persistent `dense_mv` that decode uses for F16/BF16, and a plain kernel that only reads the
+// same weight bytes (the speed to beat). 16 layers of distinct weights are captured in a CUDA
+// graph with programmatic dependent launch, as the decode step runs them; each product is also
+// timed alone (16 launches a graph). The first variant is the reference for the relative
+// differences printed after one layer. Build and run: bench/gemv/run.sh (nvcc, sm_90).
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
@@ -12,7 +15,6 @@
 #include <cmath>
 #undef INFINITY
 #include "../../src/backend/cuda/kernels.cu"
-#include "dense_new.cuh"
 
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); exit(1); } } while (0)
 
@@ -89,44 +91,30 @@ void old_kernel(int which, const Layer& l, float* x, float* y, float* h, cudaStr
     }
 }
 
-// Experimental: cfg selects RB (rows per thread) per product.
-struct NewCfg { int rb_qkv, rb_o, rb_ffn, rb_down; bool early; };
-template <int DT, int CH, int NM, bool E>
-void new_launch(int rb, const u8* wa, const u8* wb, int rows, int cols, const float* x, const float* nw, int mode, float* y, cudaStream_t s) {
-    const int tl = 8;  // 256 threads a row
-    const int G = 256 >> tl;
-    auto go = [&](auto kern, int RB) { launch(kern, (rows + G * RB - 1) / (G * RB), 256, 0, s, wa, wb, rows, (i64)2 * cols, cols, x, nw, 1e-5f, tl, mode, y); };
-    if (rb == 1) go(dmv<DT, CH, 1, NM, E>, 1);
-    else if (rb == 2) go(dmv<DT, CH, 2, NM, E>, 2);
-    else if (rb == 4) go(dmv<DT, CH, 4, NM, E>, 4);
-    else go(dmv<DT, CH, 8, NM, E>, 8);
-}
-template <int DT, bool E>
-void new_kernel(int which, const NewCfg& c, const Layer& l, float* x, float* y, float* h, cudaStream_t s) {
-    if (which == 0) new_launch<DT, 1, 1, E>(c.rb_qkv, (const u8*)l.qkv, nullptr, QKV, D, x, l.nw1, 0, y, s);
-    else if (which == 1) new_launch<DT, 1, 1, E>(c.rb_o, (const u8*)l.o, nullptr, D, D, y, nullptr, 1, x, s);
-    else if (which == 2) new_launch<DT, 1, 2, E>(c.rb_ffn, (const u8*)l.g, (const u8*)l.u, F, D, x, l.nw2, 2, h, s);
-    else new_launch<DT, 4, 1, E>(c.rb_down, (const u8*)l.d, nullptr, D, F, h, nullptr, 1, x, s);
-}
-
-
-struct PCfg { int per_sm; int rb; };
-template <int DT, int CH, int NM>
-void p_launch(const PCfg& c, const u8* wa, const u8* wb, int rows, int cols, const float* x, const float* nw, int mode, float* y, cudaStream_t s) {
-    auto go = [&](auto kern, int RB) {
-        const int groups = (rows + RB - 1) / RB;
-        launch(kern, std::min(groups, sms * c.per_sm), 256, 0, s, wa, wb, rows, (i64)2 * cols, cols, x, nw, 1e-5f, mode, y);
-    };
-    if (c.rb == 2) go(dmv2<DT, CH, 2, NM>, 2);
-    else go(dmv2<DT, CH, 4, NM>, 4);
-}
+// The shipped F16/BF16 kernel (kernels.cu's dense_mv) at `per_sm` blocks per SM where a thread
+// holds one chunk a row (mod.rs's dense_plan; 2 per SM otherwise).
 template <int DT>
-void p_kernel(int which, const PCfg& c, const Layer& l, float* x, float* y, float* h, cudaStream_t s) {
+void dense_kernel(int which, int per_sm, const Layer& l, float* x, float* y, float* h, cudaStream_t s) {
+    auto c1 = DT == DT_F16 ? dense_f16_c1 : dense_bf16_c1;
+    auto c4 = DT == DT_F16 ? dense_f16_c4 : dense_bf16_c4;
+    auto f1 = DT == DT_F16 ? dense_ffn_f16_c1 : dense_ffn_bf16_c1;
+    RopeStore rs = {nullptr, nullptr, nullptr, 0, 0, nullptr};
+    Seg none = {nullptr, nullptr, 0};
+    // Blocks: one per block step of (256 / threads a row) groups of `rpg` rows, capped.
+    auto blocks = [](int rows, int rpg, int cap) { return std::max(1, std::min((rows + rpg - 1) / rpg, cap)); };
     if (which == 0) {
-        p_launch<DT, 1, 1>(c, (const u8*)l.qkv, nullptr, QKV, D, x, l.nw1, 0, y, s);
-    } else if (which == 1) p_launch<DT, 1, 1>(c, (const u8*)l.o, nullptr, D, D, y, nullptr, 1, x, s);
-    else if (which == 2) p_launch<DT, 1, 2>(c, (const u8*)l.g, (const u8*)l.u, F, D, x, l.nw2, 2, h, s);
-    else p_launch<DT, 4, 1>(PCfg{c.per_sm, 2}, (const u8*)l.d, nullptr, D, F, h, nullptr, 1, x, s);
+        Seg a = {(const u8*)l.qkv, y, D}, b = {(const u8*)l.k, y + D, 512}, c = {(const u8*)l.v, y + D + 512, 512};
+        launch(c1, blocks(QKV, 4, per_sm * sms), 256, 0, s, a, b, c, (i64)2 * D, D, (const float*)x, 0, (const float*)l.nw1, 1e-5f, 8, rs);
+    } else if (which == 1) {
+        Seg a = {(const u8*)l.o, x, D};
+        launch(c1, blocks(D, 4, per_sm * sms), 256, 0, s, a, none, none, (i64)2 * D, D, (const float*)y, 1, (const float*)nullptr, 0.0f, 8, rs);
+    } else if (which == 2) {
+        Seg g = {(const u8*)l.g, h, F};
+        launch(f1, blocks(F, 2, 4 * sms), 256, 0, s, g, (const u8*)l.u, (i64)2 * D, D, (const float*)x, (const float*)l.nw2, 1e-5f, 8);
+    } else {
+        Seg a = {(const u8*)l.d, x, D};
+        launch(c4, blocks(D, 2, 2 * sms), 256, 0, s, a, none, none, (i64)2 * F, F, (const float*)h, 1, (const float*)nullptr, 0.0f, 8, rs);
+    }
 }
 
 float time_graph(std::function<void(cudaStream_t)> body, cudaStream_t s, int reps = 50) {
@@ -199,12 +187,11 @@ int main(int argc, char** argv) {
         std::vector<std::pair<std::string, KernFn>> variants;
         if (bf) variants.push_back({"old", [](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { old_kernel<DT_BF16>(w, l, x, y, h, s); }});
         else variants.push_back({"old", [](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { old_kernel<DT_F16>(w, l, x, y, h, s); }});
-        std::vector<NewCfg> cfgs = {{4, 2, 4, 2, true}, {8, 4, 4, 2, true}};
-        for (auto c : std::vector<PCfg>{{1, 4}, {2, 4}, {2, 2}, {3, 2}, {4, 2}}) {
+        for (int per_sm : {2, 4, 6}) {
             char nm[64];
-            snprintf(nm, sizeof nm, "persistent x%d rb%d", c.per_sm, c.rb);
-            if (bf) variants.push_back({nm, [c](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { p_kernel<DT_BF16>(w, c, l, x, y, h, s); }});
-            else variants.push_back({nm, [c](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { p_kernel<DT_F16>(w, c, l, x, y, h, s); }});
+            snprintf(nm, sizeof nm, "dense_mv x%d", per_sm);
+            if (bf) variants.push_back({nm, [per_sm](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { dense_kernel<DT_BF16>(w, per_sm, l, x, y, h, s); }});
+            else variants.push_back({nm, [per_sm](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { dense_kernel<DT_F16>(w, per_sm, l, x, y, h, s); }});
         }
         // Reference: reading each product's weight bytes with a plain streaming kernel.
         variants.push_back({"read only", [](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) {

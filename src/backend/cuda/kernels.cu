@@ -800,9 +800,9 @@ MATVEC(q6_k, DT_Q6_K)
 // row groups (about two waves' worth of blocks stay resident) and load the next group's weights
 // into a second register set while the current one is multiplied, so every thread keeps loads in
 // flight the whole time; the first group's loads are issued before `pdl_wait`, while the
-// previous kernel still runs. On an H200 a Llama-3.2-1B layer's four products took 37 µs this
-// way against 48 µs with `matvec`'s warp-per-row-pair shape: the time a plain kernel takes to
-// just read those weights (bench/gemv).
+// previous kernel still runs. On an H200 a Llama-3.2-1B layer's four products took 40.6 µs this
+// way against 47.7 µs with `matvec`'s warp-per-row-pair shape; a plain kernel that only reads
+// those weights takes 38.0 µs (bench/gemv).
 
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
     uint4 v;
@@ -872,8 +872,9 @@ __device__ __forceinline__ float dot8_v(int dt, uint4 w, const float* a) {
 // s0.y[r] = silu(gate_r · x) * (up_r · x) (gate rows in s0.w, up rows in wu). x is normalized
 // with norm_w when given, then rounded for DT as the CPU engine rounds it.
 // TL: log2 threads a row when known at compile time (8: the common 256), else 0 and `tl_rt`
-// says; the known case folds the row-group arithmetic and unrolls group_sum's shuffles, which
-// measured 45 -> 37 µs for a Llama-3.2-1B layer's products (bench/gemv).
+// says; the known case folds the row-group arithmetic and unrolls group_sum's shuffles: a
+// Llama-3.2-1B layer's products went from 44.9 to 40.6 µs (bench/gemv), decode from 983 to 1148
+// tok/s (H200).
 template <int DT, int CH, int RB, int NM, int TL>
 __device__ __forceinline__ void dense_mv(Seg s0, Seg s1, Seg s2, const u8* wu, i64 row_bytes, int cols, const float* __restrict__ x, int add,
                                          const float* norm_w, float eps, int tl_rt, RopeStore rs) {
