@@ -211,6 +211,8 @@ pub struct CudaBackend {
     max_blocks: usize,
     /// F16/BF16 one-token products through `dense_mv` (see [`DensePlan`]).
     dense: bool,
+    /// Overrides [`DensePlan::per_sm`] where a thread holds one chunk a row (for tuning).
+    dense_per_sm: Option<usize>,
     /// Multiprocessors of the device.
     sms: usize,
     /// Widest input of 8-bit-activation products that each block quantizes itself.
@@ -354,6 +356,8 @@ impl CudaBackend {
         let slice_cap = env_on("DRIFTWOOD_CUDA_SLICE_CAP");
         // F16/BF16 one-token products through `dense_mv` (DRIFTWOOD_CUDA_DENSE=0: `matvec`).
         let dense = env_on("DRIFTWOOD_CUDA_DENSE");
+        // Blocks per SM of `dense_mv` where a thread holds one chunk a row (DRIFTWOOD_CUDA_DENSE_PER_SM).
+        let dense_per_sm = std::env::var("DRIFTWOOD_CUDA_DENSE_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
         Ok(CudaBackend {
             info: DeviceInfo {
                 kind: DeviceKind::Cuda,
@@ -383,6 +387,7 @@ impl CudaBackend {
             stage_q8_cols,
             slice_cap,
             dense,
+            dense_per_sm,
             sms,
             identity_mapping: host_ptr,
         })
@@ -560,7 +565,7 @@ impl CudaBackend {
     /// [`dense_plan`] unless `DRIFTWOOD_CUDA_DENSE=0` turned the kernel off.
     fn dense_plan(&self, w: &Linear, matrices: usize) -> Option<DensePlan> {
         let plan = if self.dense { dense_plan(w.dtype, w.rows, w.cols, matrices) } else { None };
-        match std::env::var("DRIFTWOOD_CUDA_DENSE_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()) {
+        match self.dense_per_sm {
             Some(n) if plan.is_some_and(|p| p.rows_per_group == 4) => plan.map(|p| DensePlan { per_sm: n, ..p }),
             _ => plan,
         }
