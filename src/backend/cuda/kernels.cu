@@ -1128,6 +1128,15 @@ extern "C" __global__ void argmax_f32(const float* x, i64 n, unsigned long long*
     }
 }
 
+// out[i] = x[i] as f16 (bf = 0) or bf16 bits: activations already rounded for F16/BF16 weights
+// (act_prep), so the conversion is exact, for cuBLAS's 16-bit tensor-core products (prefill).
+extern "C" __global__ void to_half(const float* x, u16* out, i64 n, int bf) {
+    pdl_wait();
+    pdl_launch();
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        out[i] = bf ? (u16)(__float_as_uint(round_bf16(x[i])) >> 16) : f2h(x[i]);
+}
+
 // x[i] += y[i]
 extern "C" __global__ void add(float* x, const float* y, i64 n) {
     pdl_wait();

@@ -90,6 +90,7 @@ struct Kernels {
     act_prep: CUfunction,
     copy_f32: CUfunction,
     argmax_f32: CUfunction,
+    to_half: CUfunction,
     _module: Module,
 }
 
@@ -149,6 +150,8 @@ struct Scratch {
     partials: Option<DevMem>,
     /// Activations prepared for a product (normalized and rounded, see `act_prep`).
     act: Option<DevMem>,
+    /// Those activations as 16-bit values, for tensor-core prefill products.
+    half: Option<DevMem>,
     generation: u64,
 }
 
@@ -213,6 +216,8 @@ pub struct CudaBackend {
     dense: bool,
     /// Overrides [`DensePlan::per_sm`] where a thread holds one chunk a row (for tuning).
     dense_per_sm: Option<usize>,
+    /// F16/BF16 prefill products through cublasGemmEx on the tensor cores.
+    tensor_prefill: bool,
     /// Multiprocessors of the device.
     sms: usize,
     /// Widest input of 8-bit-activation products that each block quantizes itself.
@@ -334,6 +339,7 @@ impl CudaBackend {
             act_prep: f("act_prep")?,
             copy_f32: f("copy_f32")?,
             argmax_f32: f("argmax_f32")?,
+            to_half: f("to_half")?,
             _module: module,
         };
         let step_host = Pinned::alloc(&ctx, STEP_BYTES).map_err(na)?;
@@ -356,6 +362,8 @@ impl CudaBackend {
         let slice_cap = env_on("DRIFTWOOD_CUDA_SLICE_CAP");
         // F16/BF16 one-token products through `dense_mv` (DRIFTWOOD_CUDA_DENSE=0: `matvec`).
         let dense = env_on("DRIFTWOOD_CUDA_DENSE");
+        // F16/BF16 prefill products on the tensor cores (DRIFTWOOD_CUDA_TENSOR_PREFILL=0: SGEMM).
+        let tensor_prefill = env_on("DRIFTWOOD_CUDA_TENSOR_PREFILL");
         // Blocks per SM of `dense_mv` where a thread holds one chunk a row (DRIFTWOOD_CUDA_DENSE_PER_SM).
         let dense_per_sm = std::env::var("DRIFTWOOD_CUDA_DENSE_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
         Ok(CudaBackend {
@@ -388,6 +396,7 @@ impl CudaBackend {
             slice_cap,
             dense,
             dense_per_sm,
+            tensor_prefill,
             sms,
             identity_mapping: host_ptr,
         })
@@ -684,10 +693,50 @@ impl CudaBackend {
         Ok(plain)
     }
 
-    /// Prefill product: the weight dequantized to f32 rows in scratch, then SGEMM.
+    /// Prefill product. F16/BF16 weights multiply in place on the tensor cores (cublasGemmEx,
+    /// 16-bit inputs, f32 accumulation: the activations are already rounded to 16 bits, so this
+    /// is the same function as f32 arithmetic on them, up to the order of additions). Other
+    /// formats are dequantized to f32 rows in scratch, then SGEMM.
     fn gemm_weights(&self, w: &Linear, x: CUdeviceptr, y: CUdeviceptr, n: usize, add: bool) -> Result<(), BackendError> {
         let wm = weight_mem(w, "matmul")?.ptr();
         let (rows, cols) = (w.rows, w.cols);
+        if self.tensor_prefill && matches!(w.dtype, DType::F16 | DType::BF16) {
+            let bf = (w.dtype == DType::BF16) as i32;
+            let total = n * cols;
+            let xh = self.scratch("matmul", |s| &mut s.half, total * 2)?;
+            let ti = total as i64;
+            self.launch("matmul", self.k.to_half, (total.div_ceil(256).min(65535) as u32, 1, 1), 256, &mut args![x, xh, ti, bf])?;
+            let dt = if bf == 1 { cublas_sys::cudaDataType::CUDA_R_16BF } else { cublas_sys::cudaDataType::CUDA_R_16F };
+            let (alpha, beta) = (1.0f32, if add { 1.0f32 } else { 0.0f32 });
+            // Row-major Y[n][rows] = X[n][cols] · W[rows][cols]^T, as in the SGEMM below.
+            // SAFETY: W holds rows×cols 16-bit values (its format), xh n×cols, y n×rows f32
+            // (checked by callers); alpha/beta are f32 as the f32 compute type requires.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    self.blas.0,
+                    cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    rows as i32,
+                    n as i32,
+                    cols as i32,
+                    (&alpha as *const f32).cast(),
+                    wm as *const c_void,
+                    dt,
+                    cols as i32,
+                    xh as *const c_void,
+                    dt,
+                    cols as i32,
+                    (&beta as *const f32).cast(),
+                    y as *mut c_void,
+                    cublas_sys::cudaDataType::CUDA_R_32F,
+                    rows as i32,
+                    cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                )
+            }
+            .map_err(|e| dev_err("matmul", format!("cublasGemmEx: {e:?}")))?;
+            return Ok(());
+        }
         let row_bytes = device_row_bytes(w.dtype, cols) as i64;
         // Large matrices (the output projection) go in slabs of rows to bound the scratch.
         let slab = rows.min((64 << 20) / (4 * cols)).max(1);
