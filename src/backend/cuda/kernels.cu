@@ -681,6 +681,12 @@ __device__ __forceinline__ int locate(Seg s0, Seg s1, Seg s2, int r, Seg* s) {
     return 2;
 }
 
+// Row r (of the three segments laid end to end) as a row of its segment: *s and *seg say which.
+__device__ __forceinline__ int local_row(Seg s0, Seg s1, Seg s2, int r, Seg* s, int* seg) {
+    *seg = locate(s0, s1, s2, r, s);
+    return r - (*seg > 0 ? s0.rows : 0) - (*seg > 1 ? s1.rows : 0);
+}
+
 // Writes the products of rows r, r+1 of segment `seg`: plainly (or added, for a residual), or
 // for q/k/v with the rotation and the cache write.
 __device__ __forceinline__ void store_pair(Seg s, int seg, int r, float a0, float a1, int add, const RopeStore& rs) {
@@ -719,8 +725,8 @@ __device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const fl
         Seg s;
         const int p = g * per + warp / S, next = p + gridDim.x * per;
         const bool valid = p < pairs;  // no early exit: reduce_slices synchronizes the block
-        const int seg = locate(s0, s1, s2, 2 * (valid ? p : 0), &s);
-        const int r = 2 * (valid ? p : 0) - (seg > 0 ? s0.rows : 0) - (seg > 1 ? s1.rows : 0);
+        int seg;
+        const int r = local_row(s0, s1, s2, 2 * (valid ? p : 0), &s, &seg);
         const u8* rows[2] = {s.w + (i64)r * row_bytes, s.w + (i64)(r + 1) * row_bytes};
         if (first) {
             if (valid) prefetch_rows<DT, 2>(rows, row_bytes, lane, warp % S, S);
@@ -730,8 +736,8 @@ __device__ void matvec(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const fl
         }
         if (next < pairs) {
             Seg sn;
-            const int nseg = locate(s0, s1, s2, 2 * next, &sn);
-            const int nr = 2 * next - (nseg > 0 ? s0.rows : 0) - (nseg > 1 ? s1.rows : 0);
+            int nseg;
+            const int nr = local_row(s0, s1, s2, 2 * next, &sn, &nseg);
             const u8* nrows[2] = {sn.w + (i64)nr * row_bytes, sn.w + (i64)(nr + 1) * row_bytes};
             prefetch_rows<DT, 2>(nrows, row_bytes, lane, warp % S, S);
         }
@@ -849,8 +855,8 @@ __device__ __forceinline__ void dense_load(uint4 (&w)[NM][RB][CH], Seg s0, Seg s
             p[NM - 1] = wu + (i64)r * row_bytes;
         } else {
             Seg s;
-            const int seg = locate(s0, s1, s2, r, &s);
-            p[0] = s.w + (i64)(r - (seg > 0 ? s0.rows : 0) - (seg > 1 ? s1.rows : 0)) * row_bytes;
+            int seg;
+            p[0] = s.w + (i64)local_row(s0, s1, s2, r, &s, &seg) * row_bytes;
         }
 #pragma unroll
         for (int m = 0; m < NM; m++)
@@ -944,16 +950,17 @@ __device__ __forceinline__ void dense_mv(Seg s0, Seg s1, Seg s2, const u8* wu, i
                 for (int rb = 0; rb + 1 < RB; rb += 2)
                     if (r0 + rb + 1 < rows) {
                         Seg s;
-                        const int seg = locate(s0, s1, s2, r0 + rb, &s);
-                        store_pair(s, seg, r0 + rb - (seg > 0 ? s0.rows : 0) - (seg > 1 ? s1.rows : 0), acc[rb], acc[rb + 1], add, rs);
+                        int seg;
+                        const int local = local_row(s0, s1, s2, r0 + rb, &s, &seg);
+                        store_pair(s, seg, local, acc[rb], acc[rb + 1], add, rs);
                     }
             } else {
 #pragma unroll
                 for (int rb = 0; rb < RB; rb++)
                     if (r0 + rb < rows) {
                         Seg s;
-                        const int seg = locate(s0, s1, s2, r0 + rb, &s);
-                        float* y = s.y + (r0 + rb - (seg > 0 ? s0.rows : 0) - (seg > 1 ? s1.rows : 0));
+                        int seg;
+                        float* y = s.y + local_row(s0, s1, s2, r0 + rb, &s, &seg);
                         *y = add ? *y + acc[rb] : acc[rb];
                     }
             }
