@@ -91,10 +91,20 @@ void old_kernel(int which, const Layer& l, float* x, float* y, float* h, cudaStr
     }
 }
 
+// Gate/up instantiated for 256 threads a row only, without the shipped kernel's run-time-width
+// fallback: does that second instance cost the shipped gate/up its speed? (A prototype ran this
+// product in 16.5 µs where the shipped kernel takes 21.1, bench/results/h200-2026-11-28.)
+template <int DT>
+__global__ void __launch_bounds__(256) ffn_tl8_only(Seg gate, const u8* wu, i64 row_bytes, int cols, const float* x, const float* norm_w, float eps) {
+    const Seg none = {nullptr, nullptr, 0};
+    const RopeStore rs = {nullptr, nullptr, nullptr, 0, 0, nullptr};
+    dense_mv<DT, 1, 2, 2, 8>(gate, none, none, wu, row_bytes, cols, x, 0, norm_w, eps, 8, rs);
+}
+
 // The shipped F16/BF16 kernel (kernels.cu's dense_mv) at `per_sm` blocks per SM where a thread
 // holds one chunk a row (mod.rs's dense_plan; 2 per SM otherwise).
 template <int DT>
-void dense_kernel(int which, int per_sm, const Layer& l, float* x, float* y, float* h, cudaStream_t s) {
+void dense_kernel(int which, int per_sm, const Layer& l, float* x, float* y, float* h, cudaStream_t s, bool tl8_only = false) {
     auto c1 = DT == DT_F16 ? dense_f16_c1 : dense_bf16_c1;
     auto c4 = DT == DT_F16 ? dense_f16_c4 : dense_bf16_c4;
     auto f1 = DT == DT_F16 ? dense_ffn_f16_c1 : dense_ffn_bf16_c1;
@@ -110,7 +120,10 @@ void dense_kernel(int which, int per_sm, const Layer& l, float* x, float* y, flo
         launch(c1, blocks(D, 4, per_sm * sms), 256, 0, s, a, none, none, (i64)2 * D, D, (const float*)y, 1, (const float*)nullptr, 0.0f, 8, rs);
     } else if (which == 2) {
         Seg g = {(const u8*)l.g, h, F};
-        launch(f1, blocks(F, 2, 4 * sms), 256, 0, s, g, (const u8*)l.u, (i64)2 * D, D, (const float*)x, (const float*)l.nw2, 1e-5f, 8);
+        if (tl8_only)
+            launch(ffn_tl8_only<DT>, blocks(F, 2, 4 * sms), 256, 0, s, g, (const u8*)l.u, (i64)2 * D, D, (const float*)x, (const float*)l.nw2, 1e-5f);
+        else
+            launch(f1, blocks(F, 2, 4 * sms), 256, 0, s, g, (const u8*)l.u, (i64)2 * D, D, (const float*)x, (const float*)l.nw2, 1e-5f, 8);
     } else {
         Seg a = {(const u8*)l.d, x, D};
         launch(c4, blocks(D, 2, 2 * sms), 256, 0, s, a, none, none, (i64)2 * F, F, (const float*)h, 1, (const float*)nullptr, 0.0f, 8, rs);
@@ -193,6 +206,8 @@ int main(int argc, char** argv) {
             if (bf) variants.push_back({nm, [per_sm](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { dense_kernel<DT_BF16>(w, per_sm, l, x, y, h, s); }});
             else variants.push_back({nm, [per_sm](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { dense_kernel<DT_F16>(w, per_sm, l, x, y, h, s); }});
         }
+        if (bf) variants.push_back({"dense_mv x4, ffn tl8", [](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { dense_kernel<DT_BF16>(w, 4, l, x, y, h, s, true); }});
+        else variants.push_back({"dense_mv x4, ffn tl8", [](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) { dense_kernel<DT_F16>(w, 4, l, x, y, h, s, true); }});
         // Reference: reading each product's weight bytes with a plain streaming kernel.
         variants.push_back({"read only", [](int w, const Layer& l, float* x, float* y, float* h, cudaStream_t s) {
             const u16* p = w == 0 ? l.qkv : w == 1 ? l.o : w == 2 ? l.g : l.d;
