@@ -182,6 +182,18 @@ impl Module {
         // SAFETY: the module is loaded; the name is NUL-terminated.
         unsafe { result::module::get_function(self.module, cname) }.map_err(|e| err(&format!("kernel {name}"), e))
     }
+
+    /// How many blocks of `block` threads of `f` (a function of this module) fit on one
+    /// multiprocessor at once, as the driver computes it from the compiled kernel's registers
+    /// and shared memory.
+    pub fn resident_blocks(&self, f: CUfunction, block: u32) -> Result<usize, String> {
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: `f` belongs to this loaded module; `n` is a valid out-pointer.
+        unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, block as std::ffi::c_int, 0) }
+            .result()
+            .map_err(|e| err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+        Ok(n.max(0) as usize)
+    }
 }
 
 impl Drop for Module {

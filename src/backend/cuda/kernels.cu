@@ -976,15 +976,22 @@ __device__ __forceinline__ void dense_mv(Seg s0, Seg s1, Seg s2, const u8* wu, i
 
 // Instances: CH chunks a thread (input widths up to 2048 * CH); four rows a group where one
 // row's chunks are few, else two, so a thread holds at most 4 chunks per register set.
+// DENSE_MIN_BLOCKS: the blocks per SM the host plans for (mod.rs's dense_plan), promised to the
+// compiler so that they fit: without it the one-chunk gate/up took 70 registers, 3 blocks of 256
+// threads fit where 4 were planned, and a quarter of the grid ran as a second wave. The host
+// also caps its grid at the occupancy the driver reports, so a kernel that still misses the
+// bound only loses speed. The four-chunk gate/up (inputs over 4096 wide) asks for one: at two
+// its double-buffered registers spill.
+#define DENSE_MIN_BLOCKS(CH, NM) ((CH) == 1 ? 4 : (CH) == 4 && (NM) == 2 ? 1 : 2)
 #define DENSE(suffix, DT, CH)                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) dense_##suffix##_c##CH(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* x, \
+    extern "C" __global__ void __launch_bounds__(256, DENSE_MIN_BLOCKS(CH, 1)) dense_##suffix##_c##CH(Seg s0, Seg s1, Seg s2, i64 row_bytes, int cols, const float* x, \
                                                                            int add, const float* norm_w, float eps, int tl, RopeStore rs) { \
         if (tl == 8)                                                                                                                    \
             dense_mv<DT, CH, CH == 1 ? 4 : 2, 1, 8>(s0, s1, s2, nullptr, row_bytes, cols, x, add, norm_w, eps, tl, rs);                 \
         else                                                                                                                            \
             dense_mv<DT, CH, CH == 1 ? 4 : 2, 1, 0>(s0, s1, s2, nullptr, row_bytes, cols, x, add, norm_w, eps, tl, rs);                 \
     }                                                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) dense_ffn_##suffix##_c##CH(Seg gate, const u8* wu, i64 row_bytes, int cols, const float* x, \
+    extern "C" __global__ void __launch_bounds__(256, DENSE_MIN_BLOCKS(CH, 2)) dense_ffn_##suffix##_c##CH(Seg gate, const u8* wu, i64 row_bytes, int cols, const float* x, \
                                                                                const float* norm_w, float eps, int tl) {             \
         const Seg none = {nullptr, nullptr, 0};                                                                                         \
         const RopeStore rs = {nullptr, nullptr, nullptr, 0, 0, nullptr};                                                                \

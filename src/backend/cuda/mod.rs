@@ -77,6 +77,11 @@ struct Kernels {
     /// Dense one-token products (`dense_mv`), by [F16, BF16] and chunks per thread [1, 2, 4].
     dense: [[CUfunction; 3]; 2],
     dense_ffn: [[CUfunction; 3]; 2],
+    /// Blocks of 256 threads of each `dense` / `dense_ffn` instance that fit on one
+    /// multiprocessor (the driver's occupancy of the compiled kernel): a persistent grid larger
+    /// than what fits would run its surplus as a second wave.
+    dense_fit: [[usize; 3]; 2],
+    dense_ffn_fit: [[usize; 3]; 2],
     matvec_any: CUfunction,
     rope_store: CUfunction,
     rms_norm: CUfunction,
@@ -313,10 +318,13 @@ impl CudaBackend {
             ffn[i] = f(&format!("ffn_{suffix}"))?;
         }
         let (mut dense, mut dense_ffn) = ([[std::ptr::null_mut(); 3]; 2], [[std::ptr::null_mut(); 3]; 2]);
+        let (mut dense_fit, mut dense_ffn_fit) = ([[0; 3]; 2], [[0; 3]; 2]);
         for (i, suffix) in ["f16", "bf16"].iter().enumerate() {
             for (j, ch) in DENSE_CHUNKS.iter().enumerate() {
                 dense[i][j] = f(&format!("dense_{suffix}_c{ch}"))?;
                 dense_ffn[i][j] = f(&format!("dense_ffn_{suffix}_c{ch}"))?;
+                dense_fit[i][j] = module.resident_blocks(dense[i][j], 256).map_err(&na)?;
+                dense_ffn_fit[i][j] = module.resident_blocks(dense_ffn[i][j], 256).map_err(&na)?;
             }
         }
         let k = Kernels {
@@ -326,6 +334,8 @@ impl CudaBackend {
             ffn,
             dense,
             dense_ffn,
+            dense_fit,
+            dense_ffn_fit,
             matvec_any: f("matvec_any")?,
             rope_store: f("rope_store")?,
             rms_norm: f("rms_norm")?,
@@ -572,12 +582,15 @@ impl CudaBackend {
     }
 
     /// [`dense_plan`] unless `DRIFTWOOD_CUDA_DENSE=0` turned the kernel off.
+    /// Blocks per multiprocessor are capped at what fits of the compiled kernel.
     fn dense_plan(&self, w: &Linear, matrices: usize) -> Option<DensePlan> {
-        let plan = if self.dense { dense_plan(w.dtype, w.rows, w.cols, matrices) } else { None };
-        match self.dense_per_sm {
-            Some(n) if plan.is_some_and(|p| p.rows_per_group == 4) => plan.map(|p| DensePlan { per_sm: n, ..p }),
-            _ => plan,
-        }
+        let plan = if self.dense { dense_plan(w.dtype, w.rows, w.cols, matrices)? } else { return None };
+        let per_sm = match self.dense_per_sm {
+            Some(n) if plan.rows_per_group == 4 => n,
+            _ => plan.per_sm,
+        };
+        let fit = if matrices == 2 { self.k.dense_ffn_fit } else { self.k.dense_fit }[plan.dtype][plan.chunks];
+        Some(plan.fitted(per_sm, fit))
     }
 
     /// The row steps that bound a product's k-slices (`DRIFTWOOD_CUDA_SLICE_CAP=0`: no bound).
@@ -835,6 +848,12 @@ struct DensePlan {
 }
 
 impl DensePlan {
+    /// This plan at `per_sm` blocks a multiprocessor, or at `fit` (the most that are resident at
+    /// once, at least one) where fewer fit.
+    fn fitted(self, per_sm: usize, fit: usize) -> DensePlan {
+        DensePlan { per_sm: per_sm.min(fit.max(1)), ..self }
+    }
+
     /// Blocks for `rows` rows: one per block step (256 / threads-per-row groups of
     /// `rows_per_group` rows), at most `per_sm` per multiprocessor; blocks stride over the rest.
     fn blocks(&self, rows: usize, sms: usize) -> u32 {
@@ -1717,6 +1736,18 @@ mod tests {
         assert_eq!(p.blocks(400, 132), 100);
         let p = dense_plan(DType::F16, 576, 576, 1).unwrap();
         assert_eq!(p.blocks(576, 132), 72, "two 128-thread groups a block: 144 groups of 4 rows");
+    }
+
+    #[test]
+    fn persistent_grids_fit_in_one_wave() {
+        // Llama-3.2-1B's gate/up compiled to 70 registers: 3 blocks of 256 threads fit an SM
+        // where 4 were planned, and 132 of 528 blocks ran as a second wave.
+        let p = dense_plan(DType::F16, 8192, 2048, 2).unwrap();
+        assert_eq!(p.blocks(8192, 132), 528);
+        assert_eq!(p.fitted(p.per_sm, 3).blocks(8192, 132), 396);
+        assert_eq!(p.fitted(p.per_sm, 8).blocks(8192, 132), 528, "more room never adds blocks");
+        assert_eq!(p.fitted(6, 8).blocks(8192, 132), 792, "an override within what fits is kept");
+        assert_eq!(p.fitted(p.per_sm, 0).blocks(8192, 132), 132, "an occupancy of 0 still launches");
     }
 
     #[test]
