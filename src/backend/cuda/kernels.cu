@@ -682,6 +682,8 @@ __device__ __forceinline__ int locate(Seg s0, Seg s1, Seg s2, int r, Seg* s) {
 }
 
 // Row r (of the three segments laid end to end) as a row of its segment: *s and *seg say which.
+// Call it in a statement of its own: in `s.w + local_row(.., &s, ..)` the compiler may read s.w
+// before the call sets it (unsequenced operands; it did, and dense_mv read through garbage).
 __device__ __forceinline__ int local_row(Seg s0, Seg s1, Seg s2, int r, Seg* s, int* seg) {
     *seg = locate(s0, s1, s2, r, s);
     return r - (*seg > 0 ? s0.rows : 0) - (*seg > 1 ? s1.rows : 0);
@@ -856,7 +858,8 @@ __device__ __forceinline__ void dense_load(uint4 (&w)[NM][RB][CH], Seg s0, Seg s
         } else {
             Seg s;
             int seg;
-            p[0] = s.w + (i64)local_row(s0, s1, s2, r, &s, &seg) * row_bytes;
+            const int local = local_row(s0, s1, s2, r, &s, &seg);  // sets s: not in the same expression as s.w
+            p[0] = s.w + (i64)local * row_bytes;
         }
 #pragma unroll
         for (int m = 0; m < NM; m++)
@@ -960,7 +963,8 @@ __device__ __forceinline__ void dense_mv(Seg s0, Seg s1, Seg s2, const u8* wu, i
                     if (r0 + rb < rows) {
                         Seg s;
                         int seg;
-                        float* y = s.y + local_row(s0, s1, s2, r0 + rb, &s, &seg);
+                        const int local = local_row(s0, s1, s2, r0 + rb, &s, &seg);
+                        float* y = s.y + local;
                         *y = add ? *y + acc[rb] : acc[rb];
                     }
             }
