@@ -10,17 +10,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ARCH="${1:-sm_90}"
 FILTER="${2:-}"
-VERSION=13.0.88
-DIR="${XDG_CACHE_HOME:-$HOME/.cache}/driftwood/nvcc-$VERSION"
-PTXAS="$DIR/nvidia/cu13/bin/ptxas"
-if [ ! -x "$PTXAS" ]; then
-    tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' EXIT
-    python3 -m pip download --quiet --no-deps "nvidia-cuda-nvcc==$VERSION" -d "$tmp" >&2
-    mkdir -p "$DIR"
-    python3 -m zipfile -e "$tmp"/nvidia_cuda_nvcc-*.whl "$DIR" >&2
-    chmod +x "$DIR"/nvidia/cu13/bin/*
-fi
+PTXAS="$(bash "$ROOT/bench/wheel.sh" nvidia-cuda-nvcc 13.0.88)/nvidia/cu13/bin/ptxas"
+chmod +x "$PTXAS"  # zipfile drops the mode bits
 LIB="$(bash "$ROOT/bench/nvrtc.sh")"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
