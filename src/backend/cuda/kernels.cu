@@ -808,9 +808,9 @@ MATVEC(q6_k, DT_Q6_K)
 // row groups (about two waves' worth of blocks stay resident) and load the next group's weights
 // into a second register set while the current one is multiplied, so every thread keeps loads in
 // flight the whole time; the first group's loads are issued before `pdl_wait`, while the
-// previous kernel still runs. On an H200 a Llama-3.2-1B layer's four products took 40.6 µs this
-// way against 47.7 µs with `matvec`'s warp-per-row-pair shape; a plain kernel that only reads
-// those weights takes 38.0 µs (bench/gemv).
+// previous kernel still runs. On an H200 a Llama-3.2-1B layer's four products take 36.5 µs this
+// way against 47.8 µs with `matvec`'s warp-per-row-pair shape; a plain kernel that only reads
+// those weights takes 37.9 µs (bench/gemv, 2026-12-02).
 
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
     uint4 v;
