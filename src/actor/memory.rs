@@ -11,7 +11,7 @@ use std::cell::RefCell;
 
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
-use super::region::Region;
+use crate::region::Region;
 
 thread_local! {
     static CREATED: RefCell<Vec<Region>> = const { RefCell::new(Vec::new()) };

@@ -2,7 +2,7 @@
 //!
 //! One [`Runtime`] per process holds the Wasmtime `Engine` and `Linker` (built once) and an epoch
 //! ticker that enforces `--timeout`. Each [`Actor`] is one `Store<ActorState>` with its typed
-//! exports looked up once, and its linear memory in a shared [`region::Region`]. Messages are
+//! exports looked up once, and its linear memory in a shared [`crate::region::Region`]. Messages are
 //! delivered one at a time; between messages no Wasm frame is live, which is when snapshots are
 //! taken.
 
@@ -10,7 +10,6 @@ pub mod abi;
 pub mod instrument;
 pub mod memory;
 pub mod model_abi;
-pub mod region;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +22,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::backend::Backend;
-use region::Region;
+use crate::region::Region;
 
 /// How often the epoch ticker advances; `--timeout` is counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);

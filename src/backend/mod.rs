@@ -10,8 +10,8 @@ pub mod cuda;
 
 use std::sync::Arc;
 
-use crate::actor::region::Region;
-use crate::engine::dtype::DType;
+use crate::region::Region;
+use crate::quant::DType;
 
 /// Which device the user asked for (`--device auto|cpu|cuda[:N]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub enum DeviceSpec {
     Auto,
     Cpu,
     /// The CPU with its kernels at a given SIMD level (`cpu:scalar`, `cpu:avx2`, `cpu:avx512`).
-    CpuIsa(cpu::quant::Isa),
+    CpuIsa(cpu::Isa),
     Cuda(usize),
 }
 
@@ -33,7 +33,7 @@ impl std::str::FromStr for DeviceSpec {
             "cuda" => Ok(DeviceSpec::Cuda(0)),
             other => {
                 if let Some(isa) = other.strip_prefix("cpu:") {
-                    return cpu::quant::Isa::parse(isa)
+                    return cpu::Isa::parse(isa)
                         .map(DeviceSpec::CpuIsa)
                         .ok_or_else(|| format!("unknown CPU level '{isa}': expected cpu:scalar, cpu:avx2 or cpu:avx512"));
                 }

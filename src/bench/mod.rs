@@ -10,17 +10,10 @@ pub mod zero_copy;
 pub fn rss_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: usize = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    pages * crate::actor::region::page_size()
+    pages * crate::region::page_size()
 }
 
-/// Median of a set of timings in milliseconds.
-pub fn median_ms(samples: &mut [f64]) -> f64 {
-    if samples.is_empty() {
-        return f64::NAN;
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    samples[samples.len() / 2]
-}
+pub use crate::numeric::median_ms;
 
 /// A deterministic xorshift generator for bench and test inputs (no dependency on `rand` state).
 pub struct XorShift(pub u64);

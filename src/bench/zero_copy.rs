@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{median_ms, rss_bytes, XorShift};
-use crate::actor::region::Region;
+use crate::region::Region;
 use crate::actor::{Runtime, RuntimeConfig};
 use crate::backend::Backend;
 

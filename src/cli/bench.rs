@@ -58,10 +58,10 @@ impl ParityArgs {
         let prompt = reference.tokenizer.encode(&self.prompt, false)?;
         let report = driftwood::bench::parity::run(reference.model.clone(), device.model.clone(), reference.tokenizer.clone(), &prompt, self.steps)?;
         let tolerance = self.tolerance.unwrap_or_else(|| {
-            let dtype = reference.model.weights.layers.first().map(|l| l.wq.dtype).unwrap_or(driftwood::engine::dtype::DType::F32);
+            let dtype = reference.model.weights.layers.first().map(|l| l.wq.dtype).unwrap_or(driftwood::quant::DType::F32);
             match dtype {
-                driftwood::engine::dtype::DType::F32 => 1e-3,
-                driftwood::engine::dtype::DType::F16 | driftwood::engine::dtype::DType::BF16 => 1e-2,
+                driftwood::quant::DType::F32 => 1e-3,
+                driftwood::quant::DType::F16 | driftwood::quant::DType::BF16 => 1e-2,
                 _ => 5e-2,
             }
         });

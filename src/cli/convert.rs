@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Args;
 use driftwood::engine::convert;
-use driftwood::engine::dtype::DType;
+use driftwood::quant::DType;
 use driftwood::engine::registry;
 
 /// Re-encode a GGUF model's weight matrices into another format

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use driftwood::actor::ActorError;
-use driftwood::engine::dtype::DType;
+use driftwood::quant::DType;
 
 /// Driftwood runs stateful WebAssembly actors that drive LLM inference.
 ///

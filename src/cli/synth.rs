@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::builder::PossibleValuesParser;
 use clap::Args;
-use driftwood::engine::dtype::DType;
+use driftwood::quant::DType;
 use driftwood::engine::synth::{self, SynthShape};
 
 /// Write a random-weight Llama GGUF of a known shape, for speed work without a model hub

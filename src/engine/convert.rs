@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::dtype::DType;
+use crate::quant::DType;
 use super::gguf::{GgufError, GgufFile, GgufWriter, MetaValue, TensorInfo};
-use crate::backend::cpu::quant;
+use crate::quant;
 
 /// Output bytes converted per batch; two batches (one being written, one being filled) are live.
 const BATCH_BYTES: usize = 32 << 20;

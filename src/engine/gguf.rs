@@ -18,7 +18,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::engine::dtype::DType;
+use crate::quant::DType;
 
 /// GGUF magic, the first four bytes of every file.
 const MAGIC: [u8; 4] = *b"GGUF";

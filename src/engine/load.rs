@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::dtype::DType;
+use crate::quant::DType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
 use super::model::{Config, LayerWeights, Llama3RopeScaling, Model, ModelIdentity, Weights};
 use super::tokenizer::{GgufVocab, Tokenizer, TokenizerError};
-use crate::backend::cpu::quant;
+use crate::quant;
 use crate::backend::{Backend, BackendError, Buffer, HostBytes, Linear, RopeStyle, WeightData};
 
 /// Errors loading a model.

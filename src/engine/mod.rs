@@ -3,7 +3,6 @@
 //! [`Session`], one actor's conversation state (KV cache, token history, sampler).
 
 pub mod convert;
-pub mod dtype;
 pub mod gguf;
 pub mod load;
 pub mod model;

@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use driftwood::backend::cpu::{quant, CpuBackend};
+use driftwood::backend::cpu::CpuBackend;
+use driftwood::quant;
 use driftwood::engine::convert::{self, ConvertError, Kept};
-use driftwood::engine::dtype::DType;
+use driftwood::quant::DType;
 use driftwood::engine::gguf::{GgufFile, GgufWriter, MetaValue};
 use driftwood::engine::load;
 use driftwood::engine::sampler::{argmax, SamplerConfig};

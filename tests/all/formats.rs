@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use driftwood::backend::cpu::CpuBackend;
 use driftwood::bench::XorShift;
-use driftwood::engine::dtype::DType;
+use driftwood::quant::DType;
 use driftwood::engine::gguf::{GgufWriter, MetaValue};
 use driftwood::engine::load;
 use driftwood::engine::sampler::SamplerConfig;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use driftwood::backend::cpu::CpuBackend;
-use driftwood::engine::dtype::DType;
+use driftwood::quant::DType;
 use driftwood::engine::gguf::GgufFile;
 use driftwood::engine::load;
 use driftwood::engine::model::{Config, Llama3RopeScaling};
@@ -190,7 +190,7 @@ fn parity_against_the_cpus_own_scalar_kernels_differs_only_by_float_order_on_f32
     assert_eq!(report["tokens_agree"].as_u64(), Some(5));
     let err = report["max_rel_err"].as_f64().unwrap();
     assert!(err < 1e-4, "f32 weights, no activation rounding: only the order of additions differs, got {err}");
-    if driftwood::backend::cpu::quant::Isa::best() > driftwood::backend::cpu::quant::Isa::Scalar {
+    if driftwood::backend::cpu::Isa::best() > driftwood::backend::cpu::Isa::Scalar {
         assert!(err > 0.0, "the scalar kernels ran as the SIMD ones: the level was not applied");
     }
 }

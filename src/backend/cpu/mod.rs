@@ -4,16 +4,18 @@
 //! "zero copy" here means the GEMM runs on the guest's bytes where they lie. Products use the
 //! `matrixmultiply` crate (blocked, SIMD, threaded) rather than a hand-written loop.
 
+pub mod kernels;
 pub mod ops;
-pub mod quant;
+
+pub use kernels::Isa;
 
 use std::sync::Mutex;
 
-use crate::actor::region::Region;
+use crate::region::Region;
 
 use super::{check_gemm_dims, AttentionShape, Backend, BackendError, Buffer, DeviceBuffer, DeviceInfo, DeviceKind, KvLayer, Linear, Rope};
 use ops::{check_len, cpu, cpu_mut, weight_bytes};
-use quant::QuantizedActivations;
+use kernels::QuantizedActivations;
 
 /// The CPU as a compute device.
 pub struct CpuBackend {
@@ -27,28 +29,28 @@ pub struct CpuBackend {
     /// a parallel call from a foreign thread costs ~12 µs, from inside ~0.1 µs.
     pool: rayon::ThreadPool,
     /// The SIMD level of this backend's kernels.
-    isa: quant::Isa,
+    isa: kernels::Isa,
 }
 
 impl CpuBackend {
     /// `threads`: worker threads for compute (default: all cores). The kernels use the best SIMD
     /// level the CPU has, capped by `DRIFTWOOD_CPU_ISA`.
     pub fn new(threads: Option<usize>) -> CpuBackend {
-        Self::build(threads, quant::isa())
+        Self::build(threads, kernels::isa())
     }
 
     /// A backend whose kernels use `isa` (`--device cpu:avx2`, ...): every level computes the same
     /// products up to the order of float additions, so this is for comparisons. Fails when the
     /// CPU lacks it.
-    pub fn with_isa(threads: Option<usize>, isa: quant::Isa) -> Result<CpuBackend, BackendError> {
-        let best = quant::Isa::best();
+    pub fn with_isa(threads: Option<usize>, isa: kernels::Isa) -> Result<CpuBackend, BackendError> {
+        let best = kernels::Isa::best();
         if isa > best {
             return Err(BackendError::NotAvailable { device: format!("cpu:{}", isa.name()), reason: format!("this CPU's best SIMD level is {}", best.name()) });
         }
         Ok(Self::build(threads, isa))
     }
 
-    fn build(threads: Option<usize>, isa: quant::Isa) -> CpuBackend {
+    fn build(threads: Option<usize>, isa: kernels::Isa) -> CpuBackend {
         let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -160,7 +162,7 @@ impl Backend for CpuBackend {
             if id >= table.rows {
                 return Err(BackendError::InvalidArgument { op: "embed", reason: format!("token id {id} is outside the vocabulary of {}", table.rows) });
             }
-            quant::dequantize_row(table.dtype, &bytes[id * row_bytes..(id + 1) * row_bytes], &mut out[t * table.cols..(t + 1) * table.cols]);
+            crate::quant::dequantize_row(table.dtype, &bytes[id * row_bytes..(id + 1) * row_bytes], &mut out[t * table.cols..(t + 1) * table.cols]);
         }
         Ok(())
     }
@@ -258,19 +260,19 @@ impl Backend for CpuBackend {
 impl CpuBackend {
     fn products(&self, ws: &[&Linear], outs: &mut [&mut Buffer], n_tokens: usize, cols: usize, xq: &QuantizedActivations) -> Result<(), BackendError> {
         if n_tokens == 1 {
-            fn make<'a>(w: &'a Linear, out: &'a mut Buffer) -> Result<quant::MatvecJob<'a>, BackendError> {
+            fn make<'a>(w: &'a Linear, out: &'a mut Buffer) -> Result<kernels::MatvecJob<'a>, BackendError> {
                 let y = cpu_mut(out, "matmul")?;
                 check_len("matmul", &w.name, y.len(), w.rows)?;
-                Ok(quant::MatvecJob { dtype: w.dtype, w: weight_bytes(w, "matmul")?, rows: w.rows, y: &mut y[..w.rows] })
+                Ok(kernels::MatvecJob { dtype: w.dtype, w: weight_bytes(w, "matmul")?, rows: w.rows, y: &mut y[..w.rows] })
             }
             // Fixed-size job lists: no allocation per token.
             match (ws, outs) {
-                ([a], [ya]) => quant::matvec_many_with(self.isa, &mut [make(a, ya)?], cols, xq),
-                ([a, b], [ya, yb]) => quant::matvec_many_with(self.isa, &mut [make(a, ya)?, make(b, yb)?], cols, xq),
-                ([a, b, c], [ya, yb, yc]) => quant::matvec_many_with(self.isa, &mut [make(a, ya)?, make(b, yb)?, make(c, yc)?], cols, xq),
+                ([a], [ya]) => kernels::matvec_many_with(self.isa, &mut [make(a, ya)?], cols, xq),
+                ([a, b], [ya, yb]) => kernels::matvec_many_with(self.isa, &mut [make(a, ya)?, make(b, yb)?], cols, xq),
+                ([a, b, c], [ya, yb, yc]) => kernels::matvec_many_with(self.isa, &mut [make(a, ya)?, make(b, yb)?, make(c, yc)?], cols, xq),
                 (ws, outs) => {
                     for (w, out) in ws.iter().zip(outs.iter_mut()) {
-                        quant::matvec_many_with(self.isa, &mut [make(w, out)?], cols, xq);
+                        kernels::matvec_many_with(self.isa, &mut [make(w, out)?], cols, xq);
                     }
                 }
             }
@@ -278,7 +280,7 @@ impl CpuBackend {
             for (w, out) in ws.iter().zip(outs.iter_mut()) {
                 let y = cpu_mut(out, "matmul")?;
                 check_len("matmul", &w.name, y.len(), w.rows * n_tokens)?;
-                quant::matmul_with(self.isa, w.dtype, weight_bytes(w, "matmul")?, w.rows, cols, xq, n_tokens, &mut y[..w.rows * n_tokens]);
+                kernels::matmul_with(self.isa, w.dtype, weight_bytes(w, "matmul")?, w.rows, cols, xq, n_tokens, &mut y[..w.rows * n_tokens]);
             }
         }
         Ok(())

@@ -1,10 +1,10 @@
 //! The CPU implementation of the model ops: norms, RoPE, attention over an f16 KV cache,
-//! activations. Matrix products live in `quant.rs` (packed-block kernels).
+//! activations. Matrix products live in `kernels/` (packed-block kernels).
 
 use half::f16;
 use rayon::prelude::*;
 
-use super::quant;
+use super::kernels;
 use crate::backend::{AttentionShape, BackendError, Buffer, KvLayer, Linear, Rope, RopeStyle, WeightData};
 
 pub(super) fn cpu<'a>(b: &'a Buffer, op: &'static str) -> Result<&'a [f32], BackendError> {
@@ -86,10 +86,10 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 
 /// Dot product of f32 `q` with an f16 row.
 #[inline]
-fn dot_f16(isa: quant::Isa, q: &[f32], k: &[u16]) -> f32 {
+fn dot_f16(isa: kernels::Isa, q: &[f32], k: &[u16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if isa >= quant::Isa::Avx2 && q.len().is_multiple_of(8) {
+        if isa >= kernels::Isa::Avx2 && q.len().is_multiple_of(8) {
             // SAFETY: AVX2/F16C/FMA are present (isa() detected them); lengths are equal multiples of 8.
             return unsafe { dot_f16_avx2(q, k) };
         }
@@ -124,10 +124,10 @@ unsafe fn dot_f16_avx2(q: &[f32], k: &[u16]) -> f32 {
 
 /// `out += w * row` with an f16 row.
 #[inline]
-fn axpy_f16(isa: quant::Isa, out: &mut [f32], w: f32, row: &[u16]) {
+fn axpy_f16(isa: kernels::Isa, out: &mut [f32], w: f32, row: &[u16]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if isa >= quant::Isa::Avx2 && out.len().is_multiple_of(8) {
+        if isa >= kernels::Isa::Avx2 && out.len().is_multiple_of(8) {
             // SAFETY: as in `dot_f16`.
             return unsafe { axpy_f16_avx2(out, w, row) };
         }
@@ -163,7 +163,7 @@ fn to_f16_bits(src: &[f32], dst: &mut [u16]) {
 
 /// Writes the new K/V rows into the cache, then causal attention for each new token.
 /// `isa`: the SIMD level of the f16 dot products (at most the CPU's).
-pub fn attention(isa: quant::Isa, q: &[f32], k: &[f32], v: &[f32], kv: &mut KvLayer, out: &mut [f32], s: AttentionShape) -> Result<(), BackendError> {
+pub fn attention(isa: kernels::Isa, q: &[f32], k: &[f32], v: &[f32], kv: &mut KvLayer, out: &mut [f32], s: AttentionShape) -> Result<(), BackendError> {
     let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, scores } = kv else { return Err(foreign("attention")) };
     let (hd, nh, nkv) = (s.head_dim, s.n_heads, s.n_kv_heads);
     if s.pos0 + s.n_tokens > *max_seq {

@@ -26,8 +26,8 @@ use cudarc::driver::{result, CudaContext, CudaStream};
 use super::{
     check_gemm_dims, AttentionShape, Backend, BackendError, Buffer, DeviceBuffer, DeviceInfo, DeviceKind, KvLayer, Linear, Norm, Rope, RopeStyle, WeightData,
 };
-use crate::actor::region::{page_size, Region};
-use crate::engine::dtype::DType;
+use crate::region::{page_size, Region};
+use crate::quant::DType;
 pub use driver::DevMem;
 use driver::{err, Graph, Module, Pinned, Registrations};
 
@@ -1847,7 +1847,7 @@ mod tests {
 
     #[test]
     fn repacked_rows_hold_the_same_values_at_aligned_strides() {
-        use crate::backend::cpu::quant::{dequantize_row, quantize_row};
+        use crate::quant::{dequantize_row, quantize_row};
         // 3 blocks a row: 54, 60 and 102 GGUF bytes, none a multiple of 16.
         let (rows, cols) = (3, 96);
         let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
