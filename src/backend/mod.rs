@@ -158,12 +158,12 @@ pub trait Backend: Send + Sync {
     /// Copies a buffer's first `out.len()` values to host memory (e.g. guest memory).
     fn download(&self, buf: &Buffer, out: &mut [f32]) -> Result<(), BackendError>;
     /// Index of the largest of a buffer's first `n` values: the first on ties, NaNs never win,
-    /// 0 when nothing beats -inf ([`crate::engine::sampler::argmax`]). Greedy decoding on a GPU
+    /// 0 when nothing beats -inf ([`crate::numeric::argmax`]). Greedy decoding on a GPU
     /// reads back this one index instead of the logits. The default downloads the values.
     fn argmax(&self, buf: &Buffer, n: usize) -> Result<u32, BackendError> {
         let mut values = vec![0.0f32; n];
         self.download(buf, &mut values)?;
-        Ok(crate::engine::sampler::argmax(&values))
+        Ok(crate::numeric::argmax(&values))
     }
     /// Makes a weight usable by this device (CPU: the mapped bytes as they are).
     fn load_linear(&self, w: Linear) -> Result<Linear, BackendError>;

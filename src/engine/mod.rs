@@ -19,7 +19,7 @@ use sampler::{Sampler, SamplerConfig};
 use tokenizer::Tokenizer;
 
 /// Largest number of tokens one forward pass processes (longer prompts go in chunks).
-pub const MAX_BATCH: usize = 512;
+pub const MAX_BATCH: usize = crate::quant::MAX_PASS_TOKENS;
 
 /// Recoverable and unrecoverable errors of a session.
 #[derive(Debug, thiserror::Error)]

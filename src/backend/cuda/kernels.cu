@@ -20,8 +20,10 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef long long i64;
 
-#define MAX_BATCH 512
 #define INFINITY __int_as_float(0x7f800000)
+
+// Weight formats (DT_*), activation formats (AK_*), act_kind(dt), block_bytes(dt) and MAX_BATCH
+// come from the prelude Rust generates from its format table (src/quant/mod.rs).
 
 // Where a forward pass is: its first position and token ids (written once per pass).
 struct Step {
@@ -29,17 +31,6 @@ struct Step {
     int n;
     u32 tokens[MAX_BATCH];
 };
-
-// Weight formats, numbered as `DType::cuda_code` in Rust.
-#define DT_F32 0
-#define DT_F16 1
-#define DT_BF16 2
-#define DT_Q8_0 3
-#define DT_Q4_0 4
-#define DT_Q4_1 5
-#define DT_Q4_K 6
-#define DT_Q5_K 7
-#define DT_Q6_K 8
 
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
@@ -199,13 +190,7 @@ extern "C" __global__ void dequant_rows(const u8* w, int dt, i64 row_bytes, int 
 // both devices compute the same function up to the order of float additions: Q4_0/Q4_1/Q8_0 rows
 // take the 8-bit quants in integer dot products (dp4a), as ggml does; K-quant rows and the
 // prefill's cuBLAS products take the rounded blocks as f32 values d * q.
-#define AK_F32 0
-#define AK_F16 1
-#define AK_BF16 2
-#define AK_Q8 3
-#define AK_Q8K 4
-
-__host__ __device__ constexpr int act_kind(int dt) { return dt <= DT_BF16 ? dt : dt <= DT_Q4_1 ? AK_Q8 : AK_Q8K; }
+// (The pairing is `act_kind(dt)` in the generated prelude.)
 
 // 1 / rms(x) * ... : the RMS-norm scale of one token's row (1 without `norm_w`), computed by the
 // whole block, every thread getting it.

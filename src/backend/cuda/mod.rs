@@ -27,15 +27,21 @@ use super::{
     check_gemm_dims, AttentionShape, Backend, BackendError, Buffer, DeviceBuffer, DeviceInfo, DeviceKind, KvLayer, Linear, Norm, Rope, RopeStyle, WeightData,
 };
 use crate::region::{page_size, Region};
-use crate::quant::DType;
+use crate::quant::{ActFormat, DType, QK};
 pub use driver::DevMem;
 use driver::{err, Graph, Module, Pinned, Registrations};
 
-/// The kernels' source, compiled at run time.
+/// The kernels' hand-written source; [`kernel_source`] puts the generated format table in front.
 const KERNELS: &str = include_str!("kernels.cu");
 
-/// Longest pass the `Step` record holds (matches `MAX_BATCH` in kernels.cu and the engine).
-const STEP_TOKENS: usize = 512;
+/// The source NVRTC compiles: the numbers shared with Rust ([`crate::quant::kernel_prelude`]),
+/// then kernels.cu.
+fn kernel_source() -> String {
+    crate::quant::kernel_prelude() + KERNELS
+}
+
+/// Longest pass the `Step` record holds (`MAX_BATCH` in the kernels).
+const STEP_TOKENS: usize = crate::quant::MAX_PASS_TOKENS;
 /// Bytes of the `Step` record: pos0, n, token ids.
 const STEP_BYTES: usize = 8 + 4 * STEP_TOKENS;
 /// Captured decode graphs kept (one per live session, least recently used dropped first).
@@ -70,9 +76,9 @@ fn kernel_cache_dir() -> Option<std::path::PathBuf> {
 struct Kernels {
     embed: CUfunction,
     dequant_rows: CUfunction,
-    /// Indexed by [`dtype_code`].
+    /// Indexed by [`DType::kernel_code`].
     matvec: [CUfunction; 9],
-    /// Fused gate/up/SiLU for one token, indexed by [`dtype_code`].
+    /// Fused gate/up/SiLU for one token, indexed by [`DType::kernel_code`].
     ffn: [CUfunction; 9],
     /// Dense one-token products (`dense_mv`), by [F16, BF16] and chunks per thread [1, 2, 4].
     dense: [[CUfunction; 3]; 2],
@@ -103,21 +109,6 @@ struct Kernels {
 unsafe impl Send for Kernels {}
 // SAFETY: as above.
 unsafe impl Sync for Kernels {}
-
-/// The code kernels.cu uses for a weight format (its `DT_*` constants).
-fn dtype_code(d: DType) -> usize {
-    match d {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        DType::Q8_0 => 3,
-        DType::Q4_0 => 4,
-        DType::Q4_1 => 5,
-        DType::Q4_K => 6,
-        DType::Q5_K => 7,
-        DType::Q6_K => 8,
-    }
-}
 
 /// One matrix of a fused matvec launch (`Seg` in kernels.cu).
 #[repr(C)]
@@ -308,7 +299,7 @@ impl CudaBackend {
         // SAFETY: a fresh handle and the backend's live stream.
         unsafe { cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _) }.map_err(|e| na(format!("cublasSetStream: {e:?}")))?;
         let arch = format!("sm_{major}{minor}");
-        let ptx = driver::compile_cached(KERNELS, &arch, kernel_cache_dir()).map_err(na)?;
+        let ptx = driver::compile_cached(&kernel_source(), &arch, kernel_cache_dir()).map_err(na)?;
         let module = Module::load_ptx(&ctx, &ptx).map_err(na)?;
         let f = |n: &str| module.function(n).map_err(&na);
         let suffixes = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"];
@@ -564,11 +555,11 @@ impl CudaBackend {
         }
         // Each weight sees the activations rounded as the CPU engine rounds them for its format;
         // q/k/v (or gate/up) of one format share one preparation.
-        let mut prepared: Option<((usize, usize), CUdeviceptr)> = None;
+        let mut prepared: Option<((ActFormat, usize), CUdeviceptr)> = None;
         for (w, &y) in ws.iter().zip(ys) {
-            let kind = (act_kind(w.dtype), w.cols);
+            let kind = (w.dtype.activation(), w.cols);
             let xin = match prepared {
-                _ if kind.0 == AK_F32 => x,
+                _ if kind.0 == ActFormat::F32 => x,
                 Some((k, p)) if k == kind => p,
                 _ => {
                     let p = self.prepare(x, n, w.cols, None, w.dtype)?.y;
@@ -612,14 +603,14 @@ impl CudaBackend {
     /// Runs `act_prep` on `n` tokens of `cols` activations into scratch: RMS-normalized with
     /// `norm` when given, then rounded as the CPU engine rounds activations for `dtype` weights.
     fn prepare(&self, x: CUdeviceptr, n: usize, cols: usize, norm: Option<(CUdeviceptr, f32)>, dtype: DType) -> Result<Prepared, BackendError> {
-        let ak = act_kind(dtype);
+        let ak = dtype.activation();
         let (values, quants) = (n * cols * 4, (n * cols).next_multiple_of(16));
         let buf = self.scratch("matmul", |s| &mut s.act, values + quants + n * cols.div_ceil(32) * 8)?;
         let (y, q8, ds) = (buf, buf + values as u64, buf + (values + quants) as u64);
-        let (q8, ds) = if ak >= AK_Q8 { (q8, ds) } else { (0, 0) };
+        let (q8, ds) = if ak.block_elems() > 1 { (q8, ds) } else { (0, 0) };
         let (nw, eps) = norm.unwrap_or((0, 0.0));
         let (c, aki) = (cols as i32, ak as i32);
-        let units = cols.div_ceil(if ak == AK_Q8K { 256 } else { 32 });
+        let units = cols.div_ceil(ak.block_elems().max(QK));
         self.launch("matmul", self.k.act_prep, (units.div_ceil(8) as u32, n as u32, 1), 256, &mut args![x, nw, eps, c, aki, y, q8, ds])?;
         Ok(Prepared { y, q8, ds })
     }
@@ -643,9 +634,9 @@ impl CudaBackend {
         if !ws.iter().all(|w| fast_rows(w)) {
             // Callers fuse a norm only where `fusable_norm` holds, which implies fast rows.
             for (w, &y) in ws.iter().zip(ys) {
-                let x = if act_kind(w.dtype) == AK_F32 { x } else { self.prepare(x, 1, w.cols, None, w.dtype)?.y };
+                let x = if w.dtype.activation() == ActFormat::F32 { x } else { self.prepare(x, 1, w.cols, None, w.dtype)?.y };
                 let seg = Seg { w: weight_mem(w, "matmul")?.ptr(), y, rows: w.rows as i32 };
-                let (dt, row_bytes, cols, add) = (dtype_code(w.dtype) as i32, device_row_bytes(w.dtype, w.cols) as i64, w.cols as i32, add as i32);
+                let (dt, row_bytes, cols, add) = (w.dtype.kernel_code() as usize as i32, device_row_bytes(w.dtype, w.cols) as i64, w.cols as i32, add as i32);
                 self.launch("matmul", self.k.matvec_any, (w.rows.div_ceil(8) as u32, 1, 1), 256, &mut args![seg, dt, row_bytes, cols, x, add])?;
             }
             return Ok(());
@@ -675,7 +666,7 @@ impl CudaBackend {
         let slices = k_slices(rows / 2, self.steps_cap(w0), self.max_blocks);
         let grid = self.product_blocks((rows / 2).div_ceil(8 / slices));
         let sl = slices as i32;
-        let f = self.k.matvec[dtype_code(w0.dtype)];
+        let f = self.k.matvec[w0.dtype.kernel_code() as usize];
         let input = self.product_input(x, w0, norm)?;
         let (x, nw, eps, prep, xq, ds, smem) = (input.x, input.norm_w, input.eps, input.prep, input.xq, input.ds, input.smem);
         self.launch_smem("matmul", f, (grid, 1, 1), 256, smem, &mut args![segs[0], segs[1], segs[2], row_bytes, cols, x, add, nw, eps, sl, rs, prep, xq, ds])
@@ -689,17 +680,17 @@ impl CudaBackend {
     fn product_input(&self, x: CUdeviceptr, w: &Linear, norm: Option<(CUdeviceptr, f32)>) -> Result<ProductInput, BackendError> {
         let (norm_w, eps) = norm.unwrap_or((0, 0.0));
         let plain = ProductInput { x, norm_w, eps, prep: 0, xq: 0, ds: 0, smem: 0 };
-        let ak = act_kind(w.dtype);
+        let ak = w.dtype.activation();
         let staged = stage_bytes(w.cols, ak);
         let stage = match ak {
-            AK_Q8 => w.cols <= self.stage_q8_cols,
-            AK_Q8K => false,
+            ActFormat::Q8 => w.cols <= self.stage_q8_cols,
+            ActFormat::Q8K => false,
             _ => norm.is_some(),
         };
         if stage && staged <= STAGE_LIMIT {
             return Ok(ProductInput { prep: 1, smem: staged as u32, ..plain });
         }
-        if ak >= AK_Q8 || norm.is_some() {
+        if ak.block_elems() > 1 || norm.is_some() {
             let p = self.prepare(x, 1, w.cols, norm, w.dtype)?;
             return Ok(ProductInput { x: p.y, xq: p.q8, ds: p.ds, norm_w: 0, eps: 0.0, ..plain });
         }
@@ -759,7 +750,7 @@ impl CudaBackend {
             let r = slab.min(rows - r0);
             let total = (r * cols) as u64;
             let grid = total.div_ceil(256).min(65535 * 8) as u32;
-            let (dt, c, r0i, ri) = (dtype_code(w.dtype) as i32, cols as i32, r0 as i64, r as i64);
+            let (dt, c, r0i, ri) = (w.dtype.kernel_code() as usize as i32, cols as i32, r0 as i64, r as i64);
             self.launch("matmul", self.k.dequant_rows, (grid, 1, 1), 256, &mut args![wm, dt, row_bytes, c, r0i, ri, scratch])?;
             // Row-major Y[n][rows] (ld rows) = X[n][cols] · W[r0..r0+r][cols]^T: in cuBLAS's
             // column-major terms, Y^T = W^T' · X^T with W read transposed.
@@ -901,26 +892,11 @@ const STAGE_LIMIT: usize = 48 * 1024;
 
 /// Bytes a product kernel stages for an input of `cols` values of activation kind `ak`: f32
 /// values, or for 8-bit blocks the quants (padded to 16 bytes) and a (d, s) pair per block.
-fn stage_bytes(cols: usize, ak: usize) -> usize {
-    if ak == AK_Q8 {
+fn stage_bytes(cols: usize, ak: ActFormat) -> usize {
+    if ak == ActFormat::Q8 {
         cols.next_multiple_of(16) + cols / 32 * 8
     } else {
         4 * cols
-    }
-}
-
-/// Activation kinds of kernels.cu (`AK_*`): how the CPU engine rounds activations for a format.
-const AK_F32: usize = 0;
-const AK_Q8: usize = 3;
-const AK_Q8K: usize = 4;
-
-/// `act_kind` of kernels.cu: F32/F16/BF16 keep their code, Q8_0/Q4_0/Q4_1 take 8-bit blocks of
-/// 32 (3), K-quants 8-bit super-blocks of 256 (4).
-fn act_kind(d: DType) -> usize {
-    match d {
-        DType::F32 | DType::F16 | DType::BF16 => dtype_code(d),
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => AK_Q8,
-        DType::Q4_K | DType::Q5_K | DType::Q6_K => AK_Q8K,
     }
 }
 
@@ -948,7 +924,7 @@ struct Prepared {
 /// shared memory a block gets without opting in.
 fn fusable_norm(ws: &[&Linear]) -> bool {
     let first = ws[0];
-    ws.len() <= 3 && stage_bytes(first.cols, AK_F32) <= STAGE_LIMIT && ws.iter().all(|w| fast_rows(w) && w.dtype == first.dtype && w.cols == first.cols)
+    ws.len() <= 3 && stage_bytes(first.cols, ActFormat::F32) <= STAGE_LIMIT && ws.iter().all(|w| fast_rows(w) && w.dtype == first.dtype && w.cols == first.cols)
 }
 
 /// Formats whose rows are stored on the device in the repacked layout of kernels.cu: each row's
@@ -1141,7 +1117,7 @@ impl Backend for CudaBackend {
             let _ = event::destroy(start);
             let _ = event::destroy(end);
         }
-        let secs = crate::bench::median_ms(&mut samples[1..]);
+        let secs = crate::numeric::median_ms(&mut samples[1..]);
         Some((2 * BYTES * COPIES) as f64 / secs / 1e9)
     }
 
@@ -1261,7 +1237,7 @@ impl Backend for CudaBackend {
         // Embedding needs the token ids, not a position: keep the pass's (or the last) position.
         let pos0 = self.pass.lock().unwrap_or_else(|e| e.into_inner()).pos0;
         self.stage_step("embed", pos0, tokens.len(), Some(tokens))?;
-        let (dt, rb, cols) = (dtype_code(table.dtype) as i32, device_row_bytes(table.dtype, table.cols) as i64, table.cols as i32);
+        let (dt, rb, cols) = (table.dtype.kernel_code() as usize as i32, device_row_bytes(table.dtype, table.cols) as i64, table.cols as i32);
         let (tbl, step, op) = (weight_mem(table, "embed")?.ptr(), self.step_dev.ptr(), o.ptr());
         let grid = (table.cols.div_ceil(256) as u32, tokens.len() as u32, 1);
         self.launch("embed", self.k.embed, grid, 256, &mut args![tbl, dt, rb, cols, step, op])
@@ -1397,7 +1373,7 @@ impl Backend for CudaBackend {
             let (f, tl, gate, (nw, eps)) = (self.k.dense_ffn[plan.dtype][plan.chunks], plan.tl, Seg { w: wg, y: out, rows }, (nm.ptr(), norm.eps));
             return self.launch("matmul", f, (plan.blocks(w_gate.rows, self.sms), 1, 1), 256, &mut args![gate, wu, row_bytes, cols, xm.ptr(), nw, eps, tl]);
         }
-        let f = self.k.ffn[dtype_code(w_gate.dtype)];
+        let f = self.k.ffn[w_gate.dtype.kernel_code() as usize];
         let input = self.product_input(xm.ptr(), w_gate, Some((nm.ptr(), norm.eps)))?;
         let (xp, nw, eps, prep, xq, ds) = (input.x, input.norm_w, input.eps, input.prep, input.xq, input.ds);
         let slices = k_slices(w_gate.rows, self.steps_cap(w_gate), self.max_blocks);
@@ -1664,22 +1640,32 @@ pub fn compile_kernels(arch: &str) -> Result<String, String> {
     if !driver::libraries_present().0 {
         return Err("NVRTC (libnvrtc.so) is not installed".into());
     }
-    driver::compile(KERNELS, &[format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-default-device".into()])
+    driver::compile(&kernel_source(), &[format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-default-device".into()])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The `DT_*` codes in kernels.cu are the ones the host passes.
+    /// kernels.cu uses the format table's names and defines none of them itself: every number it
+    /// shares with Rust comes from the generated prelude.
     #[test]
-    fn dtype_codes_match_the_kernel_source() {
+    fn kernel_source_takes_its_numbers_from_the_format_table() {
+        let prelude = crate::quant::kernel_prelude();
         for d in DType::ALL {
             let name = format!("DT_{}", d.name().to_ascii_uppercase());
-            let line = KERNELS.lines().find(|l| l.starts_with(&format!("#define {name} "))).unwrap_or_else(|| panic!("{name} missing"));
-            let code: usize = line.split_whitespace().nth(2).unwrap().parse().unwrap();
-            assert_eq!(code, dtype_code(d), "{name}");
+            assert!(prelude.contains(&format!("#define {name} {}
+", d.kernel_code())), "{name}");
         }
+        for a in ActFormat::ALL {
+            assert!(prelude.contains(&format!("#define {} {}
+", a.kernel_name(), a.kernel_code())));
+        }
+        for word in ["DT_", "AK_", "MAX_BATCH", "act_kind(int", "block_bytes(int"] {
+            let defined = KERNELS.lines().any(|l| l.trim_start().starts_with(&format!("#define {word}")) || l.contains(&format!("constexpr int {word}")));
+            assert!(!defined, "kernels.cu defines {word} by hand");
+        }
+        assert!(kernel_source().starts_with(&prelude));
     }
 
     /// `Seg` must have the layout of the kernel's struct: two pointers and an int, padded to 24.
@@ -1689,8 +1675,6 @@ mod tests {
         // RopeStore: three pointers, two ints, a pointer.
         assert_eq!(std::mem::size_of::<RopeStore>(), 40);
         assert_eq!(std::mem::align_of::<Seg>(), 8);
-        assert!(KERNELS.contains(&format!("#define MAX_BATCH {STEP_TOKENS}")));
-        assert_eq!(STEP_TOKENS, crate::engine::MAX_BATCH);
     }
 
     #[test]
@@ -1781,7 +1765,7 @@ mod tests {
                     .collect();
                 let best = xs.iter().enumerate().map(|(i, &v)| key(i, v)).max().unwrap_or(0);
                 let got = if best == 0 { 0 } else { !(best as u32) };
-                assert_eq!(got, crate::engine::sampler::argmax(&xs), "len {len} case {case}");
+                assert_eq!(got, crate::numeric::argmax(&xs), "len {len} case {case}");
             }
         }
     }
@@ -1869,23 +1853,6 @@ mod tests {
                 }
             }
             assert!(repack_rows(d, cols, &src[..rb + 1]).is_err(), "{d}: a partial row is refused");
-        }
-    }
-
-    #[test]
-    fn activation_kinds_match_the_kernel_source() {
-        let define = |name: &str| -> usize {
-            let line = KERNELS.lines().find(|l| l.starts_with(&format!("#define {name} "))).unwrap_or_else(|| panic!("{name} missing"));
-            line.split_whitespace().nth(2).unwrap().parse().unwrap()
-        };
-        assert_eq!(act_kind(DType::F32), define("AK_F32"));
-        assert_eq!(act_kind(DType::F16), define("AK_F16"));
-        assert_eq!(act_kind(DType::BF16), define("AK_BF16"));
-        for d in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
-            assert_eq!(act_kind(d), define("AK_Q8"), "{d}");
-        }
-        for d in [DType::Q4_K, DType::Q5_K, DType::Q6_K] {
-            assert_eq!(act_kind(d), define("AK_Q8K"), "{d}");
         }
     }
 
