@@ -7,7 +7,11 @@
 
 pub mod cpu;
 pub mod cuda;
+mod handle;
 
+pub use handle::{foreign, Handle};
+
+use std::any::Any;
 use std::sync::Arc;
 
 use crate::region::Region;
@@ -86,10 +90,9 @@ pub trait DeviceBuffer: Send {
     }
 }
 
-/// One compute device.
-pub trait Backend: Send + Sync {
+/// A compute device and the memory it shares with the host: what the actor runtime needs.
+pub trait Device: Send + Sync {
     fn info(&self) -> &DeviceInfo;
-
     /// Makes a region's committed bytes (and every later growth) accessible to the device.
     fn share_region(&self, region: &Region) -> Result<(), BackendError>;
 
@@ -99,13 +102,13 @@ pub trait Backend: Send + Sync {
     /// `C[m×n] = A[m×k] · B[k×n]` (row-major `f32`) computed in place on shared memory.
     ///
     /// # Safety
-    /// `a`, `b` and `c` must point into a region shared with [`Backend::share_region`], be
+    /// `a`, `b` and `c` must point into a region shared with [`Device::share_region`], be
     /// 4-byte aligned and valid for `m*k`, `k*n` and `m*n` elements; `c` must not overlap `a` or
     /// `b`, and nothing else may access these bytes during the call.
     unsafe fn gemm_shared(&self, a: *const f32, b: *const f32, c: *mut f32, m: usize, n: usize, k: usize) -> Result<(), BackendError>;
 
     /// Writes the first `n` values of `src` straight into host memory this device shares through
-    /// [`Backend::share_region`] (an actor's linear memory): the device stores into the guest's
+    /// [`Device::share_region`] (an actor's linear memory): the device stores into the guest's
     /// pages, with no staging copy. `Ok(false)` when this backend has no such path or `dst` is
     /// not shared with it; the caller then downloads and copies.
     ///
@@ -116,6 +119,17 @@ pub trait Backend: Send + Sync {
         Ok(false)
     }
 
+    /// Runs `f` on the backend's compute threads (CPU: inside its rayon pool, so the many
+    /// parallel ops of a forward pass dispatch cheaply). Other devices just call `f`.
+    fn install(&self, f: &mut (dyn FnMut() + Send)) {
+        f()
+    }
+
+}
+
+/// Measurements the benchmarks take of a device: the explicit-copy path zero copy is measured
+/// against, and the device's memory.
+pub trait Probes {
     /// The same product through explicit copies: operands copied into device buffers, the
     /// product computed there and copied back into `c`.
     fn gemm_copied(&self, a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) -> Result<(), BackendError>;
@@ -134,12 +148,11 @@ pub trait Backend: Send + Sync {
     /// Copies host bytes into a new device buffer.
     fn upload(&self, bytes: &[u8]) -> Result<Box<dyn DeviceBuffer>, BackendError>;
 
-    /// Runs `f` on the backend's compute threads (CPU: inside its rayon pool, so the many
-    /// parallel ops of a forward pass dispatch cheaply). Other devices just call `f`.
-    fn install(&self, f: &mut (dyn FnMut() + Send)) {
-        f()
-    }
+}
 
+/// The operations the Llama forward pass is written in, one method each, on buffers the backend
+/// made ([`Buffer`], [`KvLayer`], device-resident [`Linear`]s).
+pub trait ModelOps: Send + Sync {
     /// Runs `pass`, the ops of one forward pass over `tokens` at positions `pos0..`, for the
     /// session state `state` (a process-unique id). A GPU uses it to stage the token ids and
     /// position once and to replay a captured graph of the ops for later single-token passes of
@@ -148,8 +161,6 @@ pub trait Backend: Send + Sync {
         let _ = (state, tokens, pos0);
         pass()
     }
-
-    // ---- model ops: one method per operation the Llama forward pass uses ----
 
     /// A zeroed activation buffer of `len` f32 values.
     fn buffer(&self, len: usize) -> Result<Buffer, BackendError>;
@@ -175,6 +186,29 @@ pub trait Backend: Send + Sync {
     fn rms_norm(&self, x: &Buffer, w: &Buffer, out: &mut Buffer, rows: usize, dim: usize, eps: f32) -> Result<(), BackendError>;
     /// `out[t][r] = W[r] · x[t]` for `n_tokens` tokens (decode when 1, prefill otherwise).
     fn matmul(&self, w: &Linear, x: &Buffer, out: &mut Buffer, n_tokens: usize) -> Result<(), BackendError>;
+    /// Several products of the same input (q/k/v, gate/up) in one dispatch.
+    fn matmul_many(&self, ws: &[&Linear], x: &Buffer, outs: &mut [&mut Buffer], n_tokens: usize) -> Result<(), BackendError>;
+    /// Rotary position embedding in place on `n_tokens × n_heads × head_dim`, positions from `pos0`.
+    fn rope(&self, x: &mut Buffer, rope: &Rope, n_tokens: usize, n_heads: usize, pos0: usize) -> Result<(), BackendError>;
+    /// Appends `k`/`v` (`n_tokens × kv_dim`) at `pos0` and computes causal attention of `q`
+    /// over positions `0..pos0 + t + 1` for each token into `out` (`n_tokens × n_heads × head_dim`).
+    fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, shape: AttentionShape) -> Result<(), BackendError>;
+    /// `gate[i] = silu(gate[i]) * up[i]` for the first `n` values.
+    fn silu_mul(&self, gate: &mut Buffer, up: &Buffer, n: usize) -> Result<(), BackendError>;
+    /// `x[i] += y[i]` for the first `n` values.
+    fn add(&self, x: &mut Buffer, y: &Buffer, n: usize) -> Result<(), BackendError>;
+    /// Copies `n` values from `src[src_off..]` to `dst[dst_off..]`.
+    fn copy(&self, src: &Buffer, src_off: usize, dst: &mut Buffer, dst_off: usize, n: usize) -> Result<(), BackendError>;
+    /// Reads K and V of positions `0..len` as f16 bits (snapshot export): `len × kv_dim` each.
+    fn kv_export(&self, kv: &KvLayer, len: usize, k: &mut [u16], v: &mut [u16]) -> Result<(), BackendError>;
+    /// Writes K and V of positions `0..len` (snapshot import).
+    fn kv_import(&self, kv: &mut KvLayer, len: usize, k: &[u16], v: &[u16]) -> Result<(), BackendError>;
+}
+
+/// Blocks of several model ops that a device may run as one. Each default is the composition of
+/// [`ModelOps`] it replaces, which is what the CPU runs; a GPU overrides them with fused kernels
+/// that compute the same function.
+pub trait FusedOps: ModelOps {
     /// `out[t] += W · x[t]` (a residual connection); `scratch` (`n_tokens × rows`) is free for
     /// backends that cannot fuse the addition.
     fn matmul_add(&self, w: &Linear, x: &Buffer, out: &mut Buffer, scratch: &mut Buffer, n_tokens: usize) -> Result<(), BackendError> {
@@ -196,14 +230,7 @@ pub trait Backend: Send + Sync {
         self.rms_norm(x, norm.weight, xn, n_tokens, cols, norm.eps)?;
         self.matmul_many(ws, xn, outs, n_tokens)
     }
-    /// Several products of the same input (q/k/v, gate/up) in one dispatch.
-    fn matmul_many(&self, ws: &[&Linear], x: &Buffer, outs: &mut [&mut Buffer], n_tokens: usize) -> Result<(), BackendError>;
-    /// Rotary position embedding in place on `n_tokens × n_heads × head_dim`, positions from `pos0`.
-    fn rope(&self, x: &mut Buffer, rope: &Rope, n_tokens: usize, n_heads: usize, pos0: usize) -> Result<(), BackendError>;
-    /// Appends `k`/`v` (`n_tokens × kv_dim`) at `pos0` and computes causal attention of `q`
-    /// over positions `0..pos0 + t + 1` for each token into `out` (`n_tokens × n_heads × head_dim`).
-    fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, shape: AttentionShape) -> Result<(), BackendError>;
-    /// Rotates `q` and `k`, then [`Backend::attention`]: the ops always run together, and a GPU
+    /// Rotates `q` and `k`, then [`ModelOps::attention`]: the ops always run together, and a GPU
     /// fuses the rotation with the cache write.
     #[allow(clippy::too_many_arguments)]
     fn rope_attention(
@@ -257,31 +284,40 @@ pub trait Backend: Send + Sync {
         self.norm_matmul_many(x, norm, xn, &[w_gate, w_up], &mut [&mut *gate, &mut *up], n_tokens)?;
         self.silu_mul(gate, up, n_tokens * w_gate.rows)
     }
-    /// `gate[i] = silu(gate[i]) * up[i]` for the first `n` values.
-    fn silu_mul(&self, gate: &mut Buffer, up: &Buffer, n: usize) -> Result<(), BackendError>;
-    /// `x[i] += y[i]` for the first `n` values.
-    fn add(&self, x: &mut Buffer, y: &Buffer, n: usize) -> Result<(), BackendError>;
-    /// Copies `n` values from `src[src_off..]` to `dst[dst_off..]`.
-    fn copy(&self, src: &Buffer, src_off: usize, dst: &mut Buffer, dst_off: usize, n: usize) -> Result<(), BackendError>;
-    /// Reads K and V of positions `0..len` as f16 bits (snapshot export): `len × kv_dim` each.
-    fn kv_export(&self, kv: &KvLayer, len: usize, k: &mut [u16], v: &mut [u16]) -> Result<(), BackendError>;
-    /// Writes K and V of positions `0..len` (snapshot import).
-    fn kv_import(&self, kv: &mut KvLayer, len: usize, k: &[u16], v: &[u16]) -> Result<(), BackendError>;
 }
+
+/// One compute device with everything the runtime asks of it. Implement the four traits; this
+/// one comes with them.
+pub trait Backend: Device + Probes + FusedOps {}
+
+impl<T: Device + Probes + FusedOps> Backend for T {}
 
 /// Activations on a device (f32). Model code never indexes into one; it only hands buffers to
 /// backend ops, so the same forward pass runs wherever the bytes live.
-pub enum Buffer {
-    Cpu(Vec<f32>),
-    Cuda(cuda::DevMem),
+pub struct Buffer {
+    len: usize,
+    mem: Handle,
 }
 
 impl Buffer {
+    /// `len` f32 values held in `mem`, the making backend's own memory type.
+    pub fn new<T: Any + Send + Sync>(len: usize, mem: T) -> Buffer {
+        Buffer { len, mem: Handle::new(mem) }
+    }
+
+    /// The backend's memory, for `op`; an error when another backend made the buffer.
+    #[inline]
+    pub fn mem<T: Any>(&self, op: &'static str) -> Result<&T, BackendError> {
+        self.mem.get(op)
+    }
+
+    #[inline]
+    pub fn mem_mut<T: Any>(&mut self, op: &'static str) -> Result<&mut T, BackendError> {
+        self.mem.get_mut(op)
+    }
+
     pub fn len(&self) -> usize {
-        match self {
-            Buffer::Cpu(v) => v.len(),
-            Buffer::Cuda(m) => m.bytes() / 4,
-        }
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -312,8 +348,8 @@ impl std::ops::Deref for HostBytes {
 #[derive(Clone)]
 pub enum WeightData {
     Host(HostBytes),
-    /// Device memory, shared by clones (tied embeddings are uploaded once).
-    Cuda(Arc<cuda::DevMem>),
+    /// Memory of the device that loaded it, shared by clones (tied embeddings are uploaded once).
+    Device(Arc<Handle>),
 }
 
 /// A weight matrix (`rows × cols`, row-major, packed blocks for quantized types) in its stored
@@ -335,9 +371,27 @@ impl Linear {
 }
 
 /// One layer of the KV cache: K and V for `max_seq` positions of `kv_dim` values, stored as f16.
-pub enum KvLayer {
-    Cpu { k: Vec<u16>, v: Vec<u16>, max_seq: usize, kv_dim: usize, scores: Vec<f32> },
-    Cuda { k: cuda::DevMem, v: cuda::DevMem, max_seq: usize, kv_dim: usize },
+pub struct KvLayer {
+    pub max_seq: usize,
+    pub kv_dim: usize,
+    mem: Handle,
+}
+
+impl KvLayer {
+    pub fn new<T: Any + Send + Sync>(max_seq: usize, kv_dim: usize, mem: T) -> KvLayer {
+        KvLayer { max_seq, kv_dim, mem: Handle::new(mem) }
+    }
+
+    /// The backend's memory, for `op`; an error when another backend made the layer.
+    #[inline]
+    pub fn mem<T: Any>(&self, op: &'static str) -> Result<&T, BackendError> {
+        self.mem.get(op)
+    }
+
+    #[inline]
+    pub fn mem_mut<T: Any>(&mut self, op: &'static str) -> Result<&mut T, BackendError> {
+        self.mem.get_mut(op)
+    }
 }
 
 /// An RMS norm to apply to a product's input: `x / rms(x) * weight`.

@@ -13,8 +13,8 @@ use std::sync::Mutex;
 
 use crate::region::Region;
 
-use super::{check_gemm_dims, AttentionShape, Backend, BackendError, Buffer, DeviceBuffer, DeviceInfo, DeviceKind, KvLayer, Linear, Rope};
-use ops::{check_len, cpu, cpu_mut, weight_bytes};
+use super::{check_gemm_dims, AttentionShape, BackendError, Buffer, Device, DeviceBuffer, DeviceInfo, DeviceKind, FusedOps, KvLayer, Linear, ModelOps, Probes, Rope};
+use ops::{check_len, cpu, cpu_mut, weight_bytes, CpuKv};
 use kernels::QuantizedActivations;
 
 /// The CPU as a compute device.
@@ -90,7 +90,7 @@ unsafe fn sgemm(a: *const f32, b: *const f32, c: *mut f32, m: usize, n: usize, k
     }
 }
 
-impl Backend for CpuBackend {
+impl Device for CpuBackend {
     fn info(&self) -> &DeviceInfo {
         &self.info
     }
@@ -110,6 +110,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn install(&self, f: &mut (dyn FnMut() + Send)) {
+        self.pool.install(f)
+    }
+}
+
+impl Probes for CpuBackend {
     fn gemm_copied(&self, a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) -> Result<(), BackendError> {
         check_gemm_dims(a.len(), b.len(), c.len(), m, n, k)?;
         let (da, db) = (a[..m * k].to_vec(), b[..k * n].to_vec());
@@ -123,17 +129,15 @@ impl Backend for CpuBackend {
     fn upload(&self, bytes: &[u8]) -> Result<Box<dyn DeviceBuffer>, BackendError> {
         Ok(Box::new(HostBuffer(bytes.to_vec())))
     }
+}
 
-    fn install(&self, f: &mut (dyn FnMut() + Send)) {
-        self.pool.install(f)
-    }
-
+impl ModelOps for CpuBackend {
     fn buffer(&self, len: usize) -> Result<Buffer, BackendError> {
-        Ok(Buffer::Cpu(vec![0.0; len]))
+        Ok(Buffer::new(len, vec![0.0f32; len]))
     }
 
     fn upload_f32(&self, data: &[f32]) -> Result<Buffer, BackendError> {
-        Ok(Buffer::Cpu(data.to_vec()))
+        Ok(Buffer::new(data.len(), data.to_vec()))
     }
 
     fn download(&self, buf: &Buffer, out: &mut [f32]) -> Result<(), BackendError> {
@@ -149,7 +153,7 @@ impl Backend for CpuBackend {
 
     fn kv_layer(&self, max_seq: usize, kv_dim: usize) -> Result<KvLayer, BackendError> {
         // vec![0; n] of a primitive is calloc'ed: pages are committed only as positions fill.
-        Ok(KvLayer::Cpu { k: vec![0u16; max_seq * kv_dim], v: vec![0u16; max_seq * kv_dim], max_seq, kv_dim, scores: Vec::new() })
+        Ok(KvLayer::new(max_seq, kv_dim, CpuKv { k: vec![0u16; max_seq * kv_dim], v: vec![0u16; max_seq * kv_dim], scores: Vec::new() }))
     }
 
     fn embed(&self, table: &Linear, tokens: &[u32], out: &mut Buffer) -> Result<(), BackendError> {
@@ -235,7 +239,8 @@ impl Backend for CpuBackend {
     }
 
     fn kv_export(&self, kv: &KvLayer, len: usize, k: &mut [u16], v: &mut [u16]) -> Result<(), BackendError> {
-        let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, .. } = kv else { return Err(ops::foreign("kv_export")) };
+        let (max_seq, kv_dim) = (&kv.max_seq, &kv.kv_dim);
+        let CpuKv { k: kc, v: vc, .. } = kv.mem::<CpuKv>("kv_export")?;
         let n = len * kv_dim;
         if len > *max_seq || k.len() < n || v.len() < n {
             return Err(BackendError::InvalidArgument { op: "kv_export", reason: format!("{len} positions of {kv_dim} do not fit") });
@@ -246,9 +251,10 @@ impl Backend for CpuBackend {
     }
 
     fn kv_import(&self, kv: &mut KvLayer, len: usize, k: &[u16], v: &[u16]) -> Result<(), BackendError> {
-        let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, .. } = kv else { return Err(ops::foreign("kv_import")) };
-        let n = len * *kv_dim;
-        if len > *max_seq || k.len() < n || v.len() < n {
+        let (max_seq, kv_dim) = (kv.max_seq, kv.kv_dim);
+        let CpuKv { k: kc, v: vc, .. } = kv.mem_mut::<CpuKv>("kv_import")?;
+        let n = len * kv_dim;
+        if len > max_seq || k.len() < n || v.len() < n {
             return Err(BackendError::InvalidArgument { op: "kv_import", reason: format!("{len} positions of {kv_dim} do not fit a cache of {max_seq}") });
         }
         kc[..n].copy_from_slice(&k[..n]);
@@ -256,6 +262,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
 }
+
+impl FusedOps for CpuBackend {}
+
 
 impl CpuBackend {
     fn products(&self, ws: &[&Linear], outs: &mut [&mut Buffer], n_tokens: usize, cols: usize, xq: &QuantizedActivations) -> Result<(), BackendError> {

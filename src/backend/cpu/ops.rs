@@ -5,33 +5,28 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::kernels;
-use crate::backend::{AttentionShape, BackendError, Buffer, KvLayer, Linear, Rope, RopeStyle, WeightData};
+use crate::backend::{foreign, AttentionShape, BackendError, Buffer, KvLayer, Linear, Rope, RopeStyle, WeightData};
 
+/// The CPU's memory behind a [`Buffer`]: its f32 values.
 pub(super) fn cpu<'a>(b: &'a Buffer, op: &'static str) -> Result<&'a [f32], BackendError> {
-    match b {
-        Buffer::Cpu(v) => Ok(v),
-        #[allow(unreachable_patterns)]
-        _ => Err(foreign(op)),
-    }
+    b.mem::<Vec<f32>>(op).map(Vec::as_slice)
 }
 
 pub(super) fn cpu_mut<'a>(b: &'a mut Buffer, op: &'static str) -> Result<&'a mut [f32], BackendError> {
-    match b {
-        Buffer::Cpu(v) => Ok(v),
-        #[allow(unreachable_patterns)]
-        _ => Err(foreign(op)),
-    }
+    b.mem_mut::<Vec<f32>>(op).map(Vec::as_mut_slice)
 }
 
-pub(super) fn foreign(op: &'static str) -> BackendError {
-    BackendError::InvalidArgument { op, reason: "buffer belongs to another device".into() }
+/// The CPU's memory behind a [`KvLayer`]: K and V as f16 bits, and the attention scores scratch.
+pub(super) struct CpuKv {
+    pub k: Vec<u16>,
+    pub v: Vec<u16>,
+    pub scores: Vec<f32>,
 }
 
 pub(super) fn weight_bytes<'a>(w: &'a Linear, op: &'static str) -> Result<&'a [u8], BackendError> {
     match &w.data {
         WeightData::Host(bytes) => Ok(bytes),
-        #[allow(unreachable_patterns)]
-        _ => Err(foreign(op)),
+        WeightData::Device(_) => Err(foreign(op)),
     }
 }
 
@@ -164,21 +159,21 @@ fn to_f16_bits(src: &[f32], dst: &mut [u16]) {
 /// Writes the new K/V rows into the cache, then causal attention for each new token.
 /// `isa`: the SIMD level of the f16 dot products (at most the CPU's).
 pub fn attention(isa: kernels::Isa, q: &[f32], k: &[f32], v: &[f32], kv: &mut KvLayer, out: &mut [f32], s: AttentionShape) -> Result<(), BackendError> {
-    let KvLayer::Cpu { k: kc, v: vc, max_seq, kv_dim, scores } = kv else { return Err(foreign("attention")) };
+    let (max_seq, kv_dim) = (kv.max_seq, kv.kv_dim);
+    let CpuKv { k: kc, v: vc, scores } = kv.mem_mut::<CpuKv>("attention")?;
     let (hd, nh, nkv) = (s.head_dim, s.n_heads, s.n_kv_heads);
-    if s.pos0 + s.n_tokens > *max_seq {
+    if s.pos0 + s.n_tokens > max_seq {
         return Err(BackendError::InvalidArgument {
             op: "attention",
             reason: format!("positions up to {} exceed the cache of {max_seq}", s.pos0 + s.n_tokens),
         });
     }
-    debug_assert_eq!(*kv_dim, nkv * hd);
-    let kvd = *kv_dim;
+    debug_assert_eq!(kv_dim, nkv * hd);
+    let kvd = kv_dim;
     to_f16_bits(&k[..s.n_tokens * kvd], &mut kc[s.pos0 * kvd..(s.pos0 + s.n_tokens) * kvd]);
     to_f16_bits(&v[..s.n_tokens * kvd], &mut vc[s.pos0 * kvd..(s.pos0 + s.n_tokens) * kvd]);
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
-    let max_seq = *max_seq;
     let (kc, vc) = (&*kc, &*vc);
     // One task per (token, head); each owns its output slice and a scores row.
     let work = |(idx, (o, sc)): (usize, (&mut [f32], &mut [f32]))| {

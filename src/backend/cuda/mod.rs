@@ -24,7 +24,8 @@ use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUstream};
 use cudarc::driver::{result, CudaContext, CudaStream};
 
 use super::{
-    check_gemm_dims, AttentionShape, Backend, BackendError, Buffer, DeviceBuffer, DeviceInfo, DeviceKind, KvLayer, Linear, Norm, Rope, RopeStyle, WeightData,
+    check_gemm_dims, AttentionShape, BackendError, Buffer, Device, DeviceBuffer, DeviceInfo, DeviceKind, FusedOps, Handle, KvLayer, Linear, ModelOps, Norm, Probes, Rope, RopeStyle,
+    WeightData,
 };
 use crate::region::{page_size, Region};
 use crate::quant::{ActFormat, DType, QK};
@@ -248,18 +249,23 @@ fn dev_err(op: &'static str, reason: String) -> BackendError {
     BackendError::Device { op, device: "cuda".into(), reason }
 }
 
+/// The device memory behind a [`Buffer`].
 fn cuda_buf<'a>(b: &'a Buffer, op: &'static str) -> Result<&'a DevMem, BackendError> {
-    match b {
-        Buffer::Cuda(m) => Ok(m),
-        _ => Err(BackendError::InvalidArgument { op, reason: "buffer belongs to another device".into() }),
+    b.mem::<DevMem>(op)
+}
+
+/// The device memory of a loaded weight.
+fn weight_mem<'a>(w: &'a Linear, op: &'static str) -> Result<&'a DevMem, BackendError> {
+    match &w.data {
+        WeightData::Device(m) => m.get::<DevMem>(op),
+        WeightData::Host(_) => Err(BackendError::InvalidArgument { op, reason: format!("weight {} is not on the GPU", w.name) }),
     }
 }
 
-fn weight_mem<'a>(w: &'a Linear, op: &'static str) -> Result<&'a DevMem, BackendError> {
-    match &w.data {
-        WeightData::Cuda(m) => Ok(m),
-        _ => Err(BackendError::InvalidArgument { op, reason: format!("weight {} is not on the GPU", w.name) }),
-    }
+/// The device memory behind a [`KvLayer`]: K and V, `max_seq × kv_dim` f16 values each.
+struct CudaKv {
+    k: DevMem,
+    v: DevMem,
 }
 
 fn check_len(op: &'static str, what: &str, have_bytes: usize, need: usize) -> Result<(), BackendError> {
@@ -991,7 +997,7 @@ impl DeviceBuffer for DevMem {
     }
 }
 
-impl Backend for CudaBackend {
+impl Device for CudaBackend {
     fn info(&self) -> &DeviceInfo {
         &self.info
     }
@@ -1053,6 +1059,16 @@ impl Backend for CudaBackend {
         Ok(true)
     }
 
+    fn install(&self, f: &mut (dyn FnMut() + Send)) {
+        match self.enter("install") {
+            Ok(_e) => f(),
+            // A context that cannot be bound fails every op inside with the same error.
+            Err(_) => f(),
+        }
+    }
+}
+
+impl Probes for CudaBackend {
     fn gemm_copied(&self, a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) -> Result<(), BackendError> {
         check_gemm_dims(a.len(), b.len(), c.len(), m, n, k)?;
         let _e = self.enter("gemm")?;
@@ -1125,15 +1141,9 @@ impl Backend for CudaBackend {
         let _e = self.enter("upload")?;
         Ok(Box::new(self.upload_bytes("upload", bytes)?))
     }
+}
 
-    fn install(&self, f: &mut (dyn FnMut() + Send)) {
-        match self.enter("install") {
-            Ok(_e) => f(),
-            // A context that cannot be bound fails every op inside with the same error.
-            Err(_) => f(),
-        }
-    }
-
+impl ModelOps for CudaBackend {
     fn forward_pass(&self, state: u64, tokens: &[u32], pos0: usize, pass: &mut dyn FnMut() -> Result<(), BackendError>) -> Result<(), BackendError> {
         let _e = self.enter("forward")?;
         self.write_step("forward", pos0, tokens.len(), Some(tokens))?;
@@ -1145,12 +1155,12 @@ impl Backend for CudaBackend {
 
     fn buffer(&self, len: usize) -> Result<Buffer, BackendError> {
         let _e = self.enter("buffer")?;
-        Ok(Buffer::Cuda(DevMem::zeroed(&self.ctx, len * 4).map_err(|e| dev_err("buffer", e))?))
+        Ok(Buffer::new(len, DevMem::zeroed(&self.ctx, len * 4).map_err(|e| dev_err("buffer", e))?))
     }
 
     fn upload_f32(&self, data: &[f32]) -> Result<Buffer, BackendError> {
         let _e = self.enter("upload")?;
-        Ok(Buffer::Cuda(self.upload_bytes("upload", bytemuck_f32(data))?))
+        Ok(Buffer::new(data.len(), self.upload_bytes("upload", bytemuck_f32(data))?))
     }
 
     fn download(&self, buf: &Buffer, out: &mut [f32]) -> Result<(), BackendError> {
@@ -1215,16 +1225,16 @@ impl Backend for CudaBackend {
                 self.upload_bytes("load", &packed)?
             }
             WeightData::Host(bytes) => self.upload_bytes("load", bytes)?,
-            WeightData::Cuda(_) => return Ok(w),
+            WeightData::Device(_) => return Ok(w),
         };
-        Ok(Linear { data: WeightData::Cuda(Arc::new(mem)), ..w })
+        Ok(Linear { data: WeightData::Device(Arc::new(Handle::new(mem))), ..w })
     }
 
     fn kv_layer(&self, max_seq: usize, kv_dim: usize) -> Result<KvLayer, BackendError> {
         let _e = self.enter("kv_layer")?;
         let bytes = max_seq * kv_dim * 2;
         let alloc = || DevMem::zeroed(&self.ctx, bytes).map_err(|e| dev_err("kv_layer", e));
-        Ok(KvLayer::Cuda { k: alloc()?, v: alloc()?, max_seq, kv_dim })
+        Ok(KvLayer::new(max_seq, kv_dim, CudaKv { k: alloc()?, v: alloc()? }))
     }
 
     fn embed(&self, table: &Linear, tokens: &[u32], out: &mut Buffer) -> Result<(), BackendError> {
@@ -1274,6 +1284,92 @@ impl Backend for CudaBackend {
         self.product(ws, xm.ptr(), &ys[..ws.len()], n_tokens, false)
     }
 
+    fn rope(&self, x: &mut Buffer, rope: &Rope, n_tokens: usize, n_heads: usize, pos0: usize) -> Result<(), BackendError> {
+        let _e = self.enter("rope")?;
+        let xm = cuda_buf(x, "rope")?;
+        check_len("rope", "input", xm.bytes(), n_tokens * n_heads * rope.head_dim)?;
+        self.stage_step("rope", pos0, n_tokens, None)?;
+        let table = self.rope_table(rope)?;
+        let (xp, n, h, hd, hs, step) =
+            (xm.ptr(), n_tokens as i32, n_heads as i32, rope.head_dim as i32, (rope.style == RopeStyle::HalfSplit) as i32, self.step_dev.ptr());
+        let total = n_tokens * n_heads * rope.head_dim / 2;
+        self.launch("rope", self.k.rope, (total.div_ceil(256) as u32, 1, 1), 256, &mut args![xp, table, n, h, hd, hs, step])
+    }
+
+    fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, s: AttentionShape) -> Result<(), BackendError> {
+        let _e = self.enter("attention")?;
+        let (kc, vc, max_seq) = self.check_attention(q, k, v, kv, out, s)?;
+        let (kp, vp, step, ni, kvd) =
+            (cuda_buf(k, "attention")?.ptr(), cuda_buf(v, "attention")?.ptr(), self.step_dev.ptr(), s.n_tokens as i32, (s.n_kv_heads * s.head_dim) as i32);
+        let total = (s.n_tokens * s.n_kv_heads * s.head_dim) as u32;
+        self.launch("attention", self.k.kv_store, (total.div_ceil(256), 1, 1), 256, &mut args![kp, vp, kc, vc, ni, kvd, step])?;
+        self.attend(cuda_buf(q, "attention")?.ptr(), kc, vc, cuda_buf(out, "attention")?.ptr(), max_seq, s)
+    }
+
+    fn silu_mul(&self, gate: &mut Buffer, up: &Buffer, n: usize) -> Result<(), BackendError> {
+        let _e = self.enter("silu_mul")?;
+        let (g, u) = (cuda_buf(gate, "silu_mul")?, cuda_buf(up, "silu_mul")?);
+        check_len("silu_mul", "gate", g.bytes(), n)?;
+        check_len("silu_mul", "up", u.bytes(), n)?;
+        let (gp, up_, ni) = (g.ptr(), u.ptr(), n as i64);
+        self.launch("silu_mul", self.k.silu_mul, (n.div_ceil(256).min(65535) as u32, 1, 1), 256, &mut args![gp, up_, ni])
+    }
+
+    fn add(&self, x: &mut Buffer, y: &Buffer, n: usize) -> Result<(), BackendError> {
+        let _e = self.enter("add")?;
+        let (xm, ym) = (cuda_buf(x, "add")?, cuda_buf(y, "add")?);
+        check_len("add", "x", xm.bytes(), n)?;
+        check_len("add", "y", ym.bytes(), n)?;
+        let (xp, yp, ni) = (xm.ptr(), ym.ptr(), n as i64);
+        self.launch("add", self.k.add, (n.div_ceil(256).min(65535) as u32, 1, 1), 256, &mut args![xp, yp, ni])
+    }
+
+    fn copy(&self, src: &Buffer, src_off: usize, dst: &mut Buffer, dst_off: usize, n: usize) -> Result<(), BackendError> {
+        let _e = self.enter("copy")?;
+        let (sm, dm) = (cuda_buf(src, "copy")?, cuda_buf(dst, "copy")?);
+        check_len("copy", "source", sm.bytes(), src_off + n)?;
+        check_len("copy", "destination", dm.bytes(), dst_off + n)?;
+        // SAFETY: both ranges were checked against their buffers.
+        unsafe { result::memcpy_dtod_async(dm.ptr() + (dst_off * 4) as u64, sm.ptr() + (src_off * 4) as u64, n * 4, self.s()) }
+            .map_err(|e| dev_err("copy", err("cuMemcpyDtoDAsync", e)))
+    }
+
+    fn kv_export(&self, kv: &KvLayer, len: usize, k: &mut [u16], v: &mut [u16]) -> Result<(), BackendError> {
+        let _e = self.enter("kv_export")?;
+        let (max_seq, kv_dim) = (&kv.max_seq, &kv.kv_dim);
+        let CudaKv { k: kc, v: vc } = kv.mem::<CudaKv>("kv_export")?;
+        let n = len * kv_dim;
+        if len > *max_seq || k.len() < n || v.len() < n {
+            return Err(BackendError::InvalidArgument { op: "kv_export", reason: format!("{len} positions of {kv_dim} do not fit") });
+        }
+        self.sync("kv_export")?;
+        let e = |e| dev_err("kv_export", err("cuMemcpyDtoH", e));
+        // SAFETY: both caches hold max_seq × kv_dim values, of which the first n are read.
+        unsafe {
+            result::memcpy_dtoh_sync(&mut k[..n], kc.ptr()).map_err(e)?;
+            result::memcpy_dtoh_sync(&mut v[..n], vc.ptr()).map_err(e)
+        }
+    }
+
+    fn kv_import(&self, kv: &mut KvLayer, len: usize, k: &[u16], v: &[u16]) -> Result<(), BackendError> {
+        let _e = self.enter("kv_import")?;
+        let (max_seq, kv_dim) = (&kv.max_seq, &kv.kv_dim);
+        let CudaKv { k: kc, v: vc } = kv.mem::<CudaKv>("kv_import")?;
+        let n = len * *kv_dim;
+        if len > *max_seq || k.len() < n || v.len() < n {
+            return Err(BackendError::InvalidArgument { op: "kv_import", reason: format!("{len} positions of {kv_dim} do not fit a cache of {max_seq}") });
+        }
+        self.sync("kv_import")?;
+        let e = |e| dev_err("kv_import", err("cuMemcpyHtoD", e));
+        // SAFETY: as in kv_export.
+        unsafe {
+            result::memcpy_htod_sync(kc.ptr(), bytemuck_u16(&k[..n])).map_err(e)?;
+            result::memcpy_htod_sync(vc.ptr(), bytemuck_u16(&v[..n])).map_err(e)
+        }
+    }
+}
+
+impl FusedOps for CudaBackend {
     fn matmul_add(&self, w: &Linear, x: &Buffer, out: &mut Buffer, _scratch: &mut Buffer, n_tokens: usize) -> Result<(), BackendError> {
         let _e = self.enter("matmul")?;
         let (xm, om) = (cuda_buf(x, "matmul")?, cuda_buf(out, "matmul")?);
@@ -1381,28 +1477,6 @@ impl Backend for CudaBackend {
         self.launch_smem("matmul", f, (grid, 1, 1), 256, input.smem, &mut args![wg, wu, out, rows, row_bytes, cols, xp, nw, eps, sl, prep, xq, ds])
     }
 
-    fn rope(&self, x: &mut Buffer, rope: &Rope, n_tokens: usize, n_heads: usize, pos0: usize) -> Result<(), BackendError> {
-        let _e = self.enter("rope")?;
-        let xm = cuda_buf(x, "rope")?;
-        check_len("rope", "input", xm.bytes(), n_tokens * n_heads * rope.head_dim)?;
-        self.stage_step("rope", pos0, n_tokens, None)?;
-        let table = self.rope_table(rope)?;
-        let (xp, n, h, hd, hs, step) =
-            (xm.ptr(), n_tokens as i32, n_heads as i32, rope.head_dim as i32, (rope.style == RopeStyle::HalfSplit) as i32, self.step_dev.ptr());
-        let total = n_tokens * n_heads * rope.head_dim / 2;
-        self.launch("rope", self.k.rope, (total.div_ceil(256) as u32, 1, 1), 256, &mut args![xp, table, n, h, hd, hs, step])
-    }
-
-    fn attention(&self, q: &Buffer, k: &Buffer, v: &Buffer, kv: &mut KvLayer, out: &mut Buffer, s: AttentionShape) -> Result<(), BackendError> {
-        let _e = self.enter("attention")?;
-        let (kc, vc, max_seq) = self.check_attention(q, k, v, kv, out, s)?;
-        let (kp, vp, step, ni, kvd) =
-            (cuda_buf(k, "attention")?.ptr(), cuda_buf(v, "attention")?.ptr(), self.step_dev.ptr(), s.n_tokens as i32, (s.n_kv_heads * s.head_dim) as i32);
-        let total = (s.n_tokens * s.n_kv_heads * s.head_dim) as u32;
-        self.launch("attention", self.k.kv_store, (total.div_ceil(256), 1, 1), 256, &mut args![kp, vp, kc, vc, ni, kvd, step])?;
-        self.attend(cuda_buf(q, "attention")?.ptr(), kc, vc, cuda_buf(out, "attention")?.ptr(), max_seq, s)
-    }
-
     fn rope_attention(
         &self,
         q: &mut Buffer,
@@ -1431,71 +1505,8 @@ impl Backend for CudaBackend {
         )?;
         self.attend(qp, kc, vc, cuda_buf(out, "attention")?.ptr(), max_seq, s)
     }
-
-    fn silu_mul(&self, gate: &mut Buffer, up: &Buffer, n: usize) -> Result<(), BackendError> {
-        let _e = self.enter("silu_mul")?;
-        let (g, u) = (cuda_buf(gate, "silu_mul")?, cuda_buf(up, "silu_mul")?);
-        check_len("silu_mul", "gate", g.bytes(), n)?;
-        check_len("silu_mul", "up", u.bytes(), n)?;
-        let (gp, up_, ni) = (g.ptr(), u.ptr(), n as i64);
-        self.launch("silu_mul", self.k.silu_mul, (n.div_ceil(256).min(65535) as u32, 1, 1), 256, &mut args![gp, up_, ni])
-    }
-
-    fn add(&self, x: &mut Buffer, y: &Buffer, n: usize) -> Result<(), BackendError> {
-        let _e = self.enter("add")?;
-        let (xm, ym) = (cuda_buf(x, "add")?, cuda_buf(y, "add")?);
-        check_len("add", "x", xm.bytes(), n)?;
-        check_len("add", "y", ym.bytes(), n)?;
-        let (xp, yp, ni) = (xm.ptr(), ym.ptr(), n as i64);
-        self.launch("add", self.k.add, (n.div_ceil(256).min(65535) as u32, 1, 1), 256, &mut args![xp, yp, ni])
-    }
-
-    fn copy(&self, src: &Buffer, src_off: usize, dst: &mut Buffer, dst_off: usize, n: usize) -> Result<(), BackendError> {
-        let _e = self.enter("copy")?;
-        let (sm, dm) = (cuda_buf(src, "copy")?, cuda_buf(dst, "copy")?);
-        check_len("copy", "source", sm.bytes(), src_off + n)?;
-        check_len("copy", "destination", dm.bytes(), dst_off + n)?;
-        // SAFETY: both ranges were checked against their buffers.
-        unsafe { result::memcpy_dtod_async(dm.ptr() + (dst_off * 4) as u64, sm.ptr() + (src_off * 4) as u64, n * 4, self.s()) }
-            .map_err(|e| dev_err("copy", err("cuMemcpyDtoDAsync", e)))
-    }
-
-    fn kv_export(&self, kv: &KvLayer, len: usize, k: &mut [u16], v: &mut [u16]) -> Result<(), BackendError> {
-        let _e = self.enter("kv_export")?;
-        let KvLayer::Cuda { k: kc, v: vc, max_seq, kv_dim } = kv else {
-            return Err(BackendError::InvalidArgument { op: "kv_export", reason: "KV cache belongs to another device".into() });
-        };
-        let n = len * kv_dim;
-        if len > *max_seq || k.len() < n || v.len() < n {
-            return Err(BackendError::InvalidArgument { op: "kv_export", reason: format!("{len} positions of {kv_dim} do not fit") });
-        }
-        self.sync("kv_export")?;
-        let e = |e| dev_err("kv_export", err("cuMemcpyDtoH", e));
-        // SAFETY: both caches hold max_seq × kv_dim values, of which the first n are read.
-        unsafe {
-            result::memcpy_dtoh_sync(&mut k[..n], kc.ptr()).map_err(e)?;
-            result::memcpy_dtoh_sync(&mut v[..n], vc.ptr()).map_err(e)
-        }
-    }
-
-    fn kv_import(&self, kv: &mut KvLayer, len: usize, k: &[u16], v: &[u16]) -> Result<(), BackendError> {
-        let _e = self.enter("kv_import")?;
-        let KvLayer::Cuda { k: kc, v: vc, max_seq, kv_dim } = kv else {
-            return Err(BackendError::InvalidArgument { op: "kv_import", reason: "KV cache belongs to another device".into() });
-        };
-        let n = len * *kv_dim;
-        if len > *max_seq || k.len() < n || v.len() < n {
-            return Err(BackendError::InvalidArgument { op: "kv_import", reason: format!("{len} positions of {kv_dim} do not fit a cache of {max_seq}") });
-        }
-        self.sync("kv_import")?;
-        let e = |e| dev_err("kv_import", err("cuMemcpyHtoD", e));
-        // SAFETY: as in kv_export.
-        unsafe {
-            result::memcpy_htod_sync(kc.ptr(), bytemuck_u16(&k[..n])).map_err(e)?;
-            result::memcpy_htod_sync(vc.ptr(), bytemuck_u16(&v[..n])).map_err(e)
-        }
-    }
 }
+
 
 impl CudaBackend {
     /// Checks an attention call's buffers and cache, stages the position, and returns the cache.
@@ -1508,9 +1519,8 @@ impl CudaBackend {
         out: &Buffer,
         s: AttentionShape,
     ) -> Result<(CUdeviceptr, CUdeviceptr, usize), BackendError> {
-        let KvLayer::Cuda { k: kc, v: vc, max_seq, kv_dim } = kv else {
-            return Err(BackendError::InvalidArgument { op: "attention", reason: "KV cache belongs to another device".into() });
-        };
+        let (max_seq, kv_dim) = (&kv.max_seq, &kv.kv_dim);
+        let CudaKv { k: kc, v: vc } = kv.mem::<CudaKv>("attention")?;
         let (hd, nh, nkv, n) = (s.head_dim, s.n_heads, s.n_kv_heads, s.n_tokens);
         if s.pos0 + n > *max_seq {
             return Err(BackendError::InvalidArgument { op: "attention", reason: format!("positions up to {} exceed the cache of {max_seq}", s.pos0 + n) });

@@ -162,7 +162,8 @@ impl QuantizedActivations {
     }
 
     pub(super) fn check(&self, what: &str, dtype: DType, cols: usize, n_tokens: usize) {
-        assert!(self.kind == Some(dtype.activation()), "{what}: activations were quantized as {:?}, {dtype} weights need {:?}", self.kind, dtype.activation());
+        let kind = self.kind.map_or("nothing".to_string(), |k| format!("{k:?}"));
+        assert!(self.kind == Some(dtype.activation()), "{what}: activations were quantized as {kind}, {dtype} weights need {:?}", dtype.activation());
         assert!(
             self.cols == cols && self.n_tokens >= n_tokens,
             "{what}: activations hold {} tokens × {} cols, expected {n_tokens} × {cols}",
