@@ -15,6 +15,7 @@ pub mod backend;
 pub mod bench;
 pub mod engine;
 pub mod numeric;
+pub mod options;
 pub mod quant;
 pub mod region;
 pub mod snapshot;

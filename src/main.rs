@@ -9,6 +9,10 @@ mod cli;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    if let Err(e) = driftwood::options::check() {
+        eprintln!("driftwood: {e}");
+        return ExitCode::from(2);
+    }
     match args.command.execute() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

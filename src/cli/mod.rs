@@ -20,7 +20,7 @@ use driftwood::quant::DType;
 /// a region the runtime owns and shares with the compute device without copies; host functions
 /// in the `driftwood` import module give it compute (and, with a model, inference).
 #[derive(Parser)]
-#[command(name = "driftwood", version, about, long_about = None, propagate_version = true)]
+#[command(name = "driftwood", version, about, long_about = None, propagate_version = true, after_help = driftwood::options::help_text())]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

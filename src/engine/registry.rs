@@ -40,8 +40,8 @@ pub const DEFAULT_MODEL: &str = "smollm2-135m";
 
 /// Where fetched models live.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("DRIFTWOOD_MODELS") {
-        return PathBuf::from(dir);
+    if let Some(dir) = &crate::options::get().models_dir {
+        return dir.clone();
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache/driftwood/models")

@@ -64,11 +64,13 @@ pub fn unavailable_reason(ordinal: usize) -> Option<String> {
     }
 }
 
-/// Where compiled kernels are cached: `$DRIFTWOOD_KERNEL_CACHE`, else
+/// Where compiled kernels are cached: `DRIFTWOOD_KERNEL_CACHE` ([`crate::options`]), else
 /// `$XDG_CACHE_HOME/driftwood/kernels`, else `~/.cache/driftwood/kernels`.
 fn kernel_cache_dir() -> Option<std::path::PathBuf> {
     let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
-    env("DRIFTWOOD_KERNEL_CACHE")
+    crate::options::get()
+        .kernel_cache
+        .clone()
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("driftwood/kernels")))
         .or_else(|| env("HOME").map(|d| d.join(".cache/driftwood/kernels")))
 }
@@ -353,26 +355,13 @@ impl CudaBackend {
         let step_dev = DevMem::zeroed(&ctx, STEP_BYTES).map_err(na)?;
         let result_dev = DevMem::zeroed(&ctx, 16).map_err(na)?;
         let result_host = Pinned::alloc(&ctx, 16).map_err(na)?;
-        let env_on = |k: &str| std::env::var(k).map(|v| v != "0").unwrap_or(true);
-        let use_graphs = env_on("DRIFTWOOD_CUDA_GRAPHS");
+        // The switches (`DRIFTWOOD_CUDA_*`, see crate::options) are for comparisons. Staging Q8
+        // activations per block is off by default: on an H200 the launch it saves costs less than
+        // every block quantizing (SmolLM2-135M Q4_1 decode 1.056 vs 1.136 ms/token, Llama-3.2-1B
+        // Q4_0 1.284 vs 1.454).
+        let o = &crate::options::get().cuda;
         // Programmatic dependent launch needs Hopper (sm_90) or newer.
-        let pdl = major >= 9 && env_on("DRIFTWOOD_CUDA_PDL");
-        // Product kernels run about one wave of 8-warp blocks: 4 per SM unless
-        // DRIFTWOOD_CUDA_BLOCKS_PER_SM says otherwise (0: one block per row group).
-        let env_usize = |k: &str, default: usize| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(default);
-        let per_sm = env_usize("DRIFTWOOD_CUDA_BLOCKS_PER_SM", 4);
-        // Rows up to this wide are quantized by each product block instead of once by act_prep
-        // (DRIFTWOOD_CUDA_STAGE_Q8_COLS). Off by default: on an H200 the launch it saves cost
-        // less than every block quantizing (SmolLM2-135M Q4_1 decode 1.056 vs 1.136 ms/token,
-        // Llama-3.2-1B Q4_0 1.284 vs 1.454).
-        let stage_q8_cols = env_usize("DRIFTWOOD_CUDA_STAGE_Q8_COLS", 0);
-        let slice_cap = env_on("DRIFTWOOD_CUDA_SLICE_CAP");
-        // F16/BF16 one-token products through `dense_mv` (DRIFTWOOD_CUDA_DENSE=0: `matvec`).
-        let dense = env_on("DRIFTWOOD_CUDA_DENSE");
-        // F16/BF16 prefill products on the tensor cores (DRIFTWOOD_CUDA_TENSOR_PREFILL=0: SGEMM).
-        let tensor_prefill = env_on("DRIFTWOOD_CUDA_TENSOR_PREFILL");
-        // Blocks per SM of `dense_mv` where a thread holds one chunk a row (DRIFTWOOD_CUDA_DENSE_PER_SM).
-        let dense_per_sm = std::env::var("DRIFTWOOD_CUDA_DENSE_PER_SM").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
+        let pdl = major >= 9 && o.pdl;
         Ok(CudaBackend {
             info: DeviceInfo {
                 kind: DeviceKind::Cuda,
@@ -396,14 +385,14 @@ impl CudaBackend {
             result_dev,
             result_host,
             rope_tables: Mutex::new(HashMap::new()),
-            use_graphs,
+            use_graphs: o.graphs,
             pdl,
-            max_blocks: per_sm * sms,
-            stage_q8_cols,
-            slice_cap,
-            dense,
-            dense_per_sm,
-            tensor_prefill,
+            max_blocks: o.blocks_per_sm * sms,
+            stage_q8_cols: o.stage_q8_cols,
+            slice_cap: o.slice_cap,
+            dense: o.dense,
+            dense_per_sm: o.dense_per_sm,
+            tensor_prefill: o.tensor_prefill,
             sms,
             identity_mapping: host_ptr,
         })

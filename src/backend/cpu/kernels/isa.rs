@@ -49,10 +49,11 @@ pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         let detected = detect_isa();
-        let wanted = match std::env::var("DRIFTWOOD_CPU_ISA").ok().as_deref() {
-            Some("scalar") => Isa::Scalar,
-            Some("avx2") => Isa::Avx2,
-            _ => Isa::Avx512,
+        use crate::options::IsaCap;
+        let wanted = match crate::options::get().cpu_isa {
+            Some(IsaCap::Scalar) => Isa::Scalar,
+            Some(IsaCap::Avx2) => Isa::Avx2,
+            Some(IsaCap::Avx512) | None => Isa::Avx512,
         };
         detected.min(wanted)
     })
