@@ -185,7 +185,12 @@ mod tests {
 
     #[test]
     fn a_malformed_value_is_an_error_naming_the_variable() {
-        for (k, v) in [("DRIFTWOOD_CUDA_PDL", "yes"), ("DRIFTWOOD_CUDA_BLOCKS_PER_SM", "-1"), ("DRIFTWOOD_CUDA_STAGE_Q8_COLS", "99999999999"), ("DRIFTWOOD_CPU_ISA", "sse")] {
+        for (k, v) in [
+            ("DRIFTWOOD_CUDA_PDL", "yes"),
+            ("DRIFTWOOD_CUDA_BLOCKS_PER_SM", "-1"),
+            ("DRIFTWOOD_CUDA_STAGE_Q8_COLS", "99999999999"),
+            ("DRIFTWOOD_CPU_ISA", "sse"),
+        ] {
             let e = parse(&[(k, v)]).unwrap_err();
             assert!(e.starts_with(&format!("{k}=")), "{e}");
         }

@@ -14,8 +14,8 @@ pub use handle::{foreign, Handle};
 use std::any::Any;
 use std::sync::Arc;
 
-use crate::region::Region;
 use crate::quant::DType;
+use crate::region::Region;
 
 /// Which device the user asked for (`--device auto|cpu|cuda[:N]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +124,6 @@ pub trait Device: Send + Sync {
     fn install(&self, f: &mut (dyn FnMut() + Send)) {
         f()
     }
-
 }
 
 /// Measurements the benchmarks take of a device: the explicit-copy path zero copy is measured
@@ -147,7 +146,6 @@ pub trait Probes {
 
     /// Copies host bytes into a new device buffer.
     fn upload(&self, bytes: &[u8]) -> Result<Box<dyn DeviceBuffer>, BackendError>;
-
 }
 
 /// The operations the Llama forward pass is written in, one method each, on buffers the backend

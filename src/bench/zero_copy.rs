@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{median_ms, rss_bytes, XorShift};
-use crate::region::Region;
 use crate::actor::{Runtime, RuntimeConfig};
 use crate::backend::Backend;
+use crate::region::Region;
 
 /// A minimal actor: just memory and the required exports. The bench drives its memory directly.
 const BENCH_ACTOR: &str = r#"(module

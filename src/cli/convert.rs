@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use clap::Args;
 use driftwood::engine::convert;
-use driftwood::quant::DType;
 use driftwood::engine::registry;
+use driftwood::quant::DType;
 
 /// Re-encode a GGUF model's weight matrices into another format
 ///

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use clap::builder::PossibleValuesParser;
 use clap::Args;
-use driftwood::quant::DType;
 use driftwood::engine::synth::{self, SynthShape};
+use driftwood::quant::DType;
 
 /// Write a random-weight Llama GGUF of a known shape, for speed work without a model hub
 ///

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::quant::DType;
 use super::gguf::{GgufError, GgufFile, GgufWriter, MetaValue, TensorInfo};
 use crate::quant;
+use crate::quant::DType;
 
 /// Output bytes converted per batch; two batches (one being written, one being filled) are live.
 const BATCH_BYTES: usize = 32 << 20;

@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::quant::DType;
 use super::gguf::{GgufError, GgufFile, TensorInfo};
 use super::model::{Config, LayerWeights, Llama3RopeScaling, Model, ModelIdentity, Weights};
 use super::tokenizer::{GgufVocab, Tokenizer, TokenizerError};
-use crate::quant;
 use crate::backend::{Backend, BackendError, Buffer, HostBytes, Linear, RopeStyle, WeightData};
+use crate::quant;
+use crate::quant::DType;
 
 /// Errors loading a model.
 #[derive(Debug, thiserror::Error)]

@@ -20,10 +20,10 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::quant::DType;
 use super::gguf::{GgufError, GgufWriter, MetaValue};
 use super::model::Llama3RopeScaling;
 use crate::quant;
+use crate::quant::DType;
 
 /// Id of the BOS token (the first after the 256 byte tokens).
 pub const BOS_ID: u32 = 256;

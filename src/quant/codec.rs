@@ -501,4 +501,3 @@ fn quantize_block_q6_k(x: &[f32], b: &mut [u8]) {
         }
     }
 }
-

@@ -128,11 +128,35 @@ pub const FORMATS: [Format; 9] = [
     // [d f16][m f16][16 bytes of nibbles]
     Format { dtype: DType::Q4_1, name: "q4_1", ggml_id: 3, llama_file_type: 3, block_elems: QK, block_bytes: 4 + QK / 2, activation: ActFormat::Q8 },
     // [d f16][dmin f16][12 bytes of 6-bit scales/mins][128 bytes of nibbles]
-    Format { dtype: DType::Q4_K, name: "q4_K", ggml_id: 12, llama_file_type: 15, block_elems: QK_K, block_bytes: 4 + 12 + QK_K / 2, activation: ActFormat::Q8K },
+    Format {
+        dtype: DType::Q4_K,
+        name: "q4_K",
+        ggml_id: 12,
+        llama_file_type: 15,
+        block_elems: QK_K,
+        block_bytes: 4 + 12 + QK_K / 2,
+        activation: ActFormat::Q8K,
+    },
     // as Q4_K, plus 32 bytes of high bits before the nibbles
-    Format { dtype: DType::Q5_K, name: "q5_K", ggml_id: 13, llama_file_type: 17, block_elems: QK_K, block_bytes: 4 + 12 + QK_K / 8 + QK_K / 2, activation: ActFormat::Q8K },
+    Format {
+        dtype: DType::Q5_K,
+        name: "q5_K",
+        ggml_id: 13,
+        llama_file_type: 17,
+        block_elems: QK_K,
+        block_bytes: 4 + 12 + QK_K / 8 + QK_K / 2,
+        activation: ActFormat::Q8K,
+    },
     // [128 bytes of low nibbles][64 bytes of high 2-bit pairs][16 × i8 scales][d f16]
-    Format { dtype: DType::Q6_K, name: "q6_K", ggml_id: 14, llama_file_type: 18, block_elems: QK_K, block_bytes: QK_K / 2 + QK_K / 4 + QK_K / 16 + 2, activation: ActFormat::Q8K },
+    Format {
+        dtype: DType::Q6_K,
+        name: "q6_K",
+        ggml_id: 14,
+        llama_file_type: 18,
+        block_elems: QK_K,
+        block_bytes: QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
+        activation: ActFormat::Q8K,
+    },
 ];
 
 impl DType {

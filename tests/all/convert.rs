@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use driftwood::backend::cpu::CpuBackend;
-use driftwood::quant;
 use driftwood::engine::convert::{self, ConvertError, Kept};
-use driftwood::quant::DType;
 use driftwood::engine::gguf::{GgufFile, GgufWriter, MetaValue};
 use driftwood::engine::load;
 use driftwood::engine::sampler::{argmax, SamplerConfig};
 use driftwood::engine::synth::{self, SynthShape};
 use driftwood::engine::Session;
+use driftwood::quant;
+use driftwood::quant::DType;
 
 use crate::common::{run, temp_dir};
 

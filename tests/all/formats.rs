@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use driftwood::backend::cpu::CpuBackend;
 use driftwood::bench::XorShift;
-use driftwood::quant::DType;
 use driftwood::engine::gguf::{GgufWriter, MetaValue};
 use driftwood::engine::load;
 use driftwood::engine::sampler::SamplerConfig;
 use driftwood::engine::Session;
+use driftwood::quant::DType;
 
 use crate::common::temp_dir;
 

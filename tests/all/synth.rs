@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use driftwood::backend::cpu::CpuBackend;
-use driftwood::quant::DType;
 use driftwood::engine::gguf::GgufFile;
 use driftwood::engine::load;
 use driftwood::engine::model::{Config, Llama3RopeScaling};
 use driftwood::engine::sampler::{self, SamplerConfig};
 use driftwood::engine::synth::{self, SynthShape, BOS_ID, EOS_ID};
 use driftwood::engine::Session;
+use driftwood::quant::DType;
 
 use crate::common::{run, temp_dir};
 

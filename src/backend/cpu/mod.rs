@@ -13,9 +13,11 @@ use std::sync::Mutex;
 
 use crate::region::Region;
 
-use super::{check_gemm_dims, AttentionShape, BackendError, Buffer, Device, DeviceBuffer, DeviceInfo, DeviceKind, FusedOps, KvLayer, Linear, ModelOps, Probes, Rope};
-use ops::{check_len, cpu, cpu_mut, weight_bytes, CpuKv};
+use super::{
+    check_gemm_dims, AttentionShape, BackendError, Buffer, Device, DeviceBuffer, DeviceInfo, DeviceKind, FusedOps, KvLayer, Linear, ModelOps, Probes, Rope,
+};
 use kernels::QuantizedActivations;
+use ops::{check_len, cpu, cpu_mut, weight_bytes, CpuKv};
 
 /// The CPU as a compute device.
 pub struct CpuBackend {
@@ -264,7 +266,6 @@ impl ModelOps for CpuBackend {
 }
 
 impl FusedOps for CpuBackend {}
-
 
 impl CpuBackend {
     fn products(&self, ws: &[&Linear], outs: &mut [&mut Buffer], n_tokens: usize, cols: usize, xq: &QuantizedActivations) -> Result<(), BackendError> {

@@ -4,7 +4,6 @@
 
 use super::*;
 
-
 /// Activations quantized once per matvec and reused for every row, the way ggml does
 /// (`vec_dot_type`): Q4_0/Q4_1/Q8_0 -> Q8 blocks (carrying both the Q8_0 and the Q8_1 sums),
 /// K-quants -> Q8_K, F16 -> values rounded to f16, BF16 -> rounded to bf16, F32 -> f32.
@@ -248,4 +247,3 @@ pub(super) fn quantize_q8k_act(x: &[f32], q: &mut [i8], dk: &mut [f32], bsums: &
         dk[b] = 1.0 / iscale;
     }
 }
-

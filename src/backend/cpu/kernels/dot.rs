@@ -3,7 +3,6 @@
 
 use super::*;
 
-
 /// Q4_1 block × Q8_1 block (ggml `vec_dot_q4_1_q8_1` for one block).
 #[inline]
 pub(super) fn block_q4_1(b: &[u8], y: &[i8], dy: f32, s: f32) -> f32 {
@@ -124,4 +123,3 @@ pub(super) fn dot_row_with(isa: Isa, dtype: DType, row: &[u8], xq: &QuantizedAct
     check_row("dot_row", dtype, xq.cols, row.len());
     rows_kernel(isa, dtype, row, xq.cols, xq.token(0), y);
 }
-

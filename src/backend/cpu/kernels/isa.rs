@@ -2,7 +2,6 @@
 
 use std::sync::OnceLock;
 
-
 /// The SIMD level the kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
@@ -84,4 +83,3 @@ pub(super) fn available_isas() -> Vec<Isa> {
     let best = detect_isa();
     [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best).collect()
 }
-

@@ -4,7 +4,6 @@
 
 use super::*;
 
-
 /// Computes `y.len()` consecutive rows of `w` (packed, `cols` each) against one token.
 /// `w.len()` must be `y.len() * row_bytes(cols)` (checked by callers).
 pub(super) fn rows_kernel(isa: Isa, dtype: DType, w: &[u8], cols: usize, a: Act<'_>, y: &mut [f32]) {
@@ -207,4 +206,3 @@ pub fn matmul_with(isa: Isa, dtype: DType, w: &[u8], rows: usize, cols: usize, x
         (0..n_chunks).into_par_iter().for_each(task);
     }
 }
-

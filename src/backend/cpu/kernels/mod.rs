@@ -42,10 +42,10 @@ use crate::quant::{dequantize_row, quantize_row, ActFormat, DType, QK, QK_K};
 
 pub use act::QuantizedActivations;
 use act::*;
-pub use dot::{dot_row, dot_row_reference};
 use dot::*;
-pub use isa::{isa, Isa};
+pub use dot::{dot_row, dot_row_reference};
 #[allow(unused_imports)]
 use isa::*;
-pub use matvec::{matmul, matmul_with, matvec, matvec_many, matvec_many_with, MatvecJob};
+pub use isa::{isa, Isa};
 use matvec::*;
+pub use matvec::{matmul, matmul_with, matvec, matvec_many, matvec_many_with, MatvecJob};

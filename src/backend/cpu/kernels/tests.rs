@@ -375,8 +375,7 @@ fn matvec_many_equals_separate_matvecs() {
     xq.quantize(DType::Q4_1, &x);
     let mut outs: Vec<Vec<f32>> = specs.iter().map(|&(_, r)| vec![f32::NAN; r]).collect();
     {
-        let mut jobs: Vec<MatvecJob<'_>> =
-            specs.iter().zip(&ws).zip(outs.iter_mut()).map(|((&(dtype, rows), w), y)| MatvecJob { dtype, w, rows, y }).collect();
+        let mut jobs: Vec<MatvecJob<'_>> = specs.iter().zip(&ws).zip(outs.iter_mut()).map(|((&(dtype, rows), w), y)| MatvecJob { dtype, w, rows, y }).collect();
         matvec_many(&mut jobs, cols, &xq);
     }
     for ((&(dtype, rows), w), got) in specs.iter().zip(&ws).zip(&outs) {

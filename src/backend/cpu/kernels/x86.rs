@@ -747,8 +747,7 @@ pub(super) mod avx2 {
                     }
                 };
                 for t in 0..T {
-                    let p16 =
-                        if K == 8 { _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(yv[t], x)) } else { _mm256_maddubs_epi16(x, yv[t]) };
+                    let p16 = if K == 8 { _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(yv[t], x)) } else { _mm256_maddubs_epi16(x, yv[t]) };
                     let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
                     let prod = _mm_mul_ps(dm, dsv[t]);
                     acc[k][t] = _mm256_fmadd_ps(dot, _mm256_broadcastss_ps(prod), acc[k][t]);
