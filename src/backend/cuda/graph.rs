@@ -1,6 +1,24 @@
 //! Decode graphs: a session's single-token pass captured once as a CUDA graph and replayed.
 //!
-//! GRAPH_CONTRACT_PLACEHOLDER
+//! # The contract a captured pass relies on
+//!
+//! From a session's second single-token pass on, [`ModelOps::forward_pass`] does not call the
+//! pass closure at all: it replays the kernel launches recorded while the closure ran once under
+//! capture, with the arguments and buffer addresses of that run. Only the device-side `Step`
+//! record (first position, token ids), written before every pass, changes between replays. So:
+//!
+//! 1. The model code (`engine::model::forward`) must issue the same ops with the same shapes and
+//!    buffers at every position: no branch on the position, the tokens or the cache length.
+//! 2. An op must not decide anything on the host from the position or the tokens (which kernel,
+//!    how many attention splits: `splits` depends on the cache size only, and kernels read the
+//!    position from `Step`), must not read anything back to the host, and must not allocate:
+//!    growing a scratch buffer bumps `Scratch::generation`, which drops the captured graphs.
+//! 3. Anything that does vary (a new cache size, a multi-token pass) must reach this module as a
+//!    different `state` or a pass of `n != 1`, which runs the closure.
+//!
+//! A host-side branch inside an op is frozen at capture: it breaks silently, not loudly. The CPU
+//! test `decode_steps_run_the_same_ops_at_every_position` (engine/model.rs) records the ops of
+//! decode passes at different positions and checks (1).
 
 use super::*;
 
