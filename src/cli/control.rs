@@ -8,16 +8,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Sender};
 
 use clap::Args;
 
-/// What the main loop waits for.
-pub enum Event {
-    Message(String),
-    InputDone,
-    Control { path: PathBuf, stop: bool, reply: Sender<String> },
-}
+use super::session::Event;
 
 /// Removes the socket file when the run ends.
 pub struct ControlSocket {
@@ -103,52 +98,4 @@ impl SnapshotArgs {
         eprintln!("driftwood: saved {} ({} bytes)", output.display(), v["file_bytes"]);
         Ok(())
     }
-}
-
-/// Feeds prompts or stdin lines into `events` from a thread.
-pub fn spawn_input(prompts: Vec<String>, events: Sender<Event>) {
-    std::thread::spawn(move || {
-        if prompts.is_empty() {
-            for line in std::io::stdin().lock().lines() {
-                match line {
-                    Ok(l) => {
-                        if events.send(Event::Message(l)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => break,
-                }
-            }
-        } else {
-            for p in prompts {
-                if events.send(Event::Message(p)).is_err() {
-                    return;
-                }
-            }
-        }
-        let _ = events.send(Event::InputDone);
-    });
-}
-
-/// The main loop with a control socket: messages and control requests, one at a time. Input
-/// ending does not end the run: it goes on serving snapshots until one asks it to stop.
-pub fn serve_actor(actor: &mut driftwood::actor::Actor, events: Receiver<Event>) -> anyhow::Result<()> {
-    let mut out = std::io::stdout();
-    for event in events {
-        match event {
-            Event::Message(msg) => super::run::deliver_one(actor, &msg, &mut out)?,
-            Event::InputDone => {}
-            Event::Control { path, stop, reply } => {
-                let answer = match driftwood::snapshot::save(actor, &path) {
-                    Ok(stats) => serde_json::json!({"ok": true, "file_bytes": stats.file_bytes}),
-                    Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
-                };
-                let _ = reply.send(answer.to_string());
-                if stop {
-                    return Ok(());
-                }
-            }
-        }
-    }
-    Ok(())
 }

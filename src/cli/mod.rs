@@ -1,10 +1,12 @@
 //! The command line: one clap `Command` enum whose variants each own an `execute()`.
 
+mod args;
 mod bench;
 mod control;
 mod convert;
 mod model;
 mod run;
+mod session;
 mod snapshot;
 mod synth;
 

@@ -1,12 +1,11 @@
 //! `driftwood run`: start an actor and feed it messages.
 
-use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
-use driftwood::actor::{Runtime, RuntimeConfig};
-use driftwood::backend::{self, DeviceSpec};
+
+use super::args::RuntimeArgs;
+use super::session::Drive;
 
 /// Run an actor: instantiate it, call its init once, then deliver messages one at a time.
 ///
@@ -37,35 +36,6 @@ pub struct RunArgs {
     pub model: super::model::ModelArgs,
 }
 
-/// Flags every command that runs actors shares.
-#[derive(Args, Clone)]
-pub struct RuntimeArgs {
-    /// Largest linear memory the actor may grow to (e.g. 256MiB, 4GiB); growing beyond it makes
-    /// the guest's memory.grow return -1
-    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = super::parse_size)]
-    pub max_memory: usize,
-    /// Wall-clock limit for one call into the actor (init, or one message); a runaway actor is
-    /// stopped with exit code 1
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = super::parse_duration)]
-    pub timeout: Duration,
-    /// Compute device: auto, cpu, cuda or cuda:N (cpu:scalar, cpu:avx2, cpu:avx512 pick the CPU kernels' SIMD level, for comparisons)
-    #[arg(long, value_name = "DEVICE", default_value = "auto")]
-    pub device: DeviceSpec,
-    /// CPU worker threads (default: all cores)
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
-    /// Show the actor's debug log lines
-    #[arg(short, long)]
-    pub verbose: bool,
-}
-
-impl RuntimeArgs {
-    pub fn build(&self) -> anyhow::Result<Runtime> {
-        let backend = backend::open(self.device, self.threads)?;
-        Ok(Runtime::new(RuntimeConfig { max_memory: self.max_memory, timeout: self.timeout, backend, verbose: self.verbose })?)
-    }
-}
-
 impl RunArgs {
     pub fn execute(self) -> anyhow::Result<()> {
         let runtime = self.runtime.build()?;
@@ -76,14 +46,8 @@ impl RunArgs {
             actor.attach_session(self.model.session(&loaded)?);
         }
         actor.init()?;
-        if let Some(sock) = &self.control {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let _socket = super::control::listen(sock, tx.clone())?;
-            super::control::spawn_input(self.prompts.clone(), tx);
-            super::control::serve_actor(&mut actor, rx)?;
-        } else {
-            deliver_messages(&mut actor, &self.prompts)?;
-        }
+        let drive = Drive { prompts: &self.prompts, control: self.control.as_deref(), save: self.save.as_deref(), verbose: self.runtime.verbose };
+        drive.run(&mut actor)?;
         if self.runtime.verbose {
             let st = actor.host_stats();
             eprintln!(
@@ -95,55 +59,6 @@ impl RunArgs {
                 runtime.config().backend.info().name
             );
         }
-        if let Some(path) = &self.save {
-            save_snapshot(&mut actor, path, self.runtime.verbose)?;
-        }
-        Ok(())
+        drive.finish(&mut actor)
     }
-}
-
-/// Delivers one message and prints the actor's reply (if any) on its own line.
-pub fn deliver_one(actor: &mut driftwood::actor::Actor, msg: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    let reply = actor.deliver(msg.as_bytes())?;
-    if !reply.is_empty() {
-        out.write_all(&reply)?;
-        if !reply.ends_with(b"\n") {
-            out.write_all(b"\n")?;
-        }
-    }
-    out.flush()?;
-    Ok(())
-}
-
-/// Delivers the prompts (or stdin lines) one at a time, printing each reply.
-pub fn deliver_messages(actor: &mut driftwood::actor::Actor, prompts: &[String]) -> anyhow::Result<()> {
-    let mut out = std::io::stdout();
-    if prompts.is_empty() {
-        for line in std::io::stdin().lock().lines() {
-            deliver_one(actor, &line?, &mut out)?;
-        }
-    } else {
-        for prompt in prompts {
-            deliver_one(actor, prompt, &mut out)?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes a snapshot atomically and reports its size on stderr.
-pub fn save_snapshot(actor: &mut driftwood::actor::Actor, path: &std::path::Path, verbose: bool) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    let stats = driftwood::snapshot::save(actor, path)?;
-    if verbose {
-        eprintln!(
-            "driftwood: saved {} ({} bytes: {} of {} memory bytes stored, {} KV bytes) in {:.1} ms",
-            path.display(),
-            stats.file_bytes,
-            stats.stored_memory_bytes,
-            stats.memory_bytes,
-            stats.kv_bytes,
-            started.elapsed().as_secs_f64() * 1e3
-        );
-    }
-    Ok(())
 }

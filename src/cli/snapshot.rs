@@ -6,7 +6,8 @@ use clap::Args;
 use driftwood::engine::registry;
 use driftwood::snapshot::{self, format, KvRestore};
 
-use super::run::{deliver_messages, RuntimeArgs};
+use super::args::RuntimeArgs;
+use super::session::Drive;
 
 /// Thaw a snapshot (.dws) and continue the actor: same output behaviour as `run`.
 ///
@@ -63,11 +64,9 @@ impl RestoreArgs {
             KvRestore::Imported { tokens } if self.runtime.verbose => eprintln!("driftwood: restored {tokens} tokens of KV cache"),
             _ => {}
         }
-        deliver_messages(&mut actor, &self.prompts)?;
-        if let Some(path) = &self.save {
-            super::run::save_snapshot(&mut actor, path, self.runtime.verbose)?;
-        }
-        Ok(())
+        let drive = Drive { prompts: &self.prompts, control: None, save: self.save.as_deref(), verbose: self.runtime.verbose };
+        drive.run(&mut actor)?;
+        drive.finish(&mut actor)
     }
 }
 
